@@ -1,0 +1,34 @@
+# `make run` and `make test` each build the environment on a fresh machine, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+# torch goes in first, pinned: an unpinned torch (or a package asking for a newer one)
+# would pull a multi-GB CUDA build. Override for a GPU machine: make TORCH=torch==2.13.0
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.swarm-installed
+PYTEST_ARGS ?=
+
+.PHONY: run test bench install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/swarm stage digits swarm-data/digits --val-fraction 0.2
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e '.[bench]'
+	$(BIN)/python benchmarks/stage_bench.py
+
+clean:
+	rm -rf $(VENV) .swarm swarm-data

@@ -1,0 +1,1 @@
+"""How flows run: Prefect API bootstrap, Dask cluster factory, progress, deployment scripts."""

@@ -1,0 +1,107 @@
+"""Dask cluster factory: an existing scheduler by address, or one local cluster per process.
+
+The local cluster is sized to the machine: one single-threaded worker process per core
+(CPU), or one worker per GPU through dask-cuda, imported only when GPUs are present,
+with every GPU worker advertising a ``GPU`` resource. Prefect's task runner gets the
+scheduler *address*, never a live cluster object (which does not serialize).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from storage.errors import ConfigError
+
+_LOCK = threading.Lock()
+_LOCAL = None
+
+
+def gpu_count() -> int:
+    """GPUs visible to this process, asked of nvidia-smi so torch need not be imported."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if visible:
+        count = min(count, len(visible.split(",")))
+    return count
+
+
+def local_worker_count() -> int:
+    return max(1, int(os.environ.get("SWARM_WORKERS", 0)) or os.cpu_count() or 1)
+
+
+def _start_local_cluster():
+    gpus = gpu_count()
+    common = dict(dashboard_address=None, silence_logs=logging.WARNING)
+    if gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise ConfigError(
+                f"{gpus} GPU(s) found but dask-cuda is not installed; install the GPU extra: "
+                "pip install 'swarm-pipelines[gpu]' (or set CUDA_VISIBLE_DEVICES= to use the CPU)"
+            ) from None
+        return LocalCUDACluster(resources={"GPU": 1}, threads_per_worker=1, **common)
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=local_worker_count(), threads_per_worker=1, processes=True, **common
+    )
+
+
+def scheduler_address(dask_address: str | None = None) -> str:
+    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local cluster."""
+    global _LOCAL
+    address = dask_address or os.environ.get("SWARM_DASK_ADDRESS")
+    if address:
+        return address if "://" in address else f"tcp://{address}"
+    with _LOCK:
+        if _LOCAL is None:
+            _LOCAL = _start_local_cluster()
+            atexit.register(close_local_cluster)
+        return _LOCAL.scheduler_address
+
+
+def close_local_cluster() -> None:
+    global _LOCAL
+    with _LOCK:
+        if _LOCAL is not None:
+            try:
+                _LOCAL.close(timeout=20)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+            _LOCAL = None
+
+
+@contextmanager
+def dask_runner(dask_address: str | None = None) -> Iterator:
+    """A started Prefect ``DaskTaskRunner`` on the chosen scheduler."""
+    from prefect_dask import DaskTaskRunner
+
+    address = scheduler_address(dask_address)
+    runner = DaskTaskRunner(address=address, client_kwargs={"set_as_default": False, "timeout": "30s"})
+    try:
+        with runner:
+            yield runner
+    except OSError as exc:
+        if dask_address:
+            raise ConfigError(f"cannot reach the Dask scheduler at {dask_address!r}: {exc}") from None
+        raise
+
+
+def worker_count(runner) -> int:
+    return max(1, len(runner.client.scheduler_info(n_workers=-1)["workers"]))

@@ -1,0 +1,171 @@
+"""Prefect API bootstrap: use ``PREFECT_API_URL`` when set, else one managed local server.
+
+Dask worker processes report task state to the Prefect API. Without a configured API
+every process would start its own temporary server (slow and flaky), so we start one
+server (SQLite in the project state folder, ``$SWARM_HOME`` or ``./.swarm``) on a free
+port, wait until it answers, and export its URL before any worker starts. A server
+started by ``swarm server`` is recorded in ``server.json`` and reused by later commands.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from storage.errors import SwarmError
+
+STARTUP_TIMEOUT_S = 90.0
+
+
+def state_dir() -> Path:
+    path = Path(os.environ.get("SWARM_HOME", ".swarm")).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _use_api(url: str) -> None:
+    os.environ["PREFECT_API_URL"] = url
+    if "prefect.context" in sys.modules:  # settings were read at import: refresh them
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+
+
+@contextmanager
+def _lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class PrefectServer:
+    """A local Prefect server process (SQLite under the state folder)."""
+
+    def __init__(self, home: Path, port: int | None = None, host: str = "127.0.0.1"):
+        self.home = home
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}/api"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "PrefectServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.pop("PREFECT_API_URL", None)
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            PREFECT_UI_API_URL=self.url,
+        )
+        log = open(self.home / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SwarmError(
+                    f"the local Prefect server exited with code {self.process.returncode}; see {self.home / 'server.log'}"
+                )
+            if healthy(self.url, timeout=1.0):
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise SwarmError(f"the local Prefect server did not answer within {timeout:.0f}s; see {self.home / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+_OWNED: list[PrefectServer] = []
+
+
+def ensure_prefect_api() -> str:
+    """Return a live Prefect API URL, starting the managed local server if none is set."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    home = state_dir()
+    with _lock(home / "server.lock"):
+        record = home / "server.json"
+        if record.exists():
+            try:
+                url = json.loads(record.read_text())["url"]
+            except (ValueError, KeyError):
+                url = None
+            if url and healthy(url):
+                _use_api(url)
+                return url
+        server = PrefectServer(home / "prefect").start()
+    _OWNED.append(server)
+    atexit.register(server.stop)
+    _use_api(server.url)
+    return server.url
+
+
+def serve_forever(port: int | None = None, host: str = "127.0.0.1") -> None:
+    """Run the managed server in the foreground (``swarm server``) and record it for reuse."""
+    home = state_dir()
+    record = home / "server.json"
+    with _lock(home / "server.lock"):
+        if record.exists():
+            try:
+                old = json.loads(record.read_text())["url"]
+                if healthy(old):
+                    raise SwarmError(f"a Swarm Prefect server is already running at {old}")
+            except (ValueError, KeyError):
+                pass
+        server = PrefectServer(home / "prefect", port=port, host=host).start()
+        record.write_text(json.dumps({"url": server.url, "pid": server.process.pid}))
+    print(f"Prefect API at {server.url}\nPrefect UI at {server.url[: -len('/api')]}\n"
+          f"export PREFECT_API_URL={server.url}   # for other shells; Ctrl-C stops the server", flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        record.unlink(missing_ok=True)
+
+
+def ui_url() -> str | None:
+    url = os.environ.get("PREFECT_API_URL")
+    return url[: -len("/api")] if url and url.endswith("/api") else url

@@ -1,0 +1,1 @@
+"""Prefect flows: compose tasks, branch on their results, fan out. No file or tensor work."""

@@ -1,0 +1,232 @@
+"""``swarm``: the command line, a thin shell over the flows.
+
+User mistakes print one line naming the bad value and what is allowed, and exit 2
+without a traceback; ``SWARM_DEBUG=1`` shows tracebacks for everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from storage.errors import ConfigError, SwarmError
+
+app = typer.Typer(
+    name="swarm",
+    help="Swarm Pipelines: the AI lifecycle on Prefect and Dask.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DaskAddress = typer.Option(None, "--dask-address", help="Address of an existing Dask scheduler (default: a local cluster)")
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are JSON where they parse (true, 3, {"a": 1}), else strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e.get("loc", ())) or "value"
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"invalid {where.replace('_', '-')}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drop log records of a user's mistake: the CLI prints that error once, plainly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SwarmError):
+            return False
+        return not (record.levelno >= logging.ERROR and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+
+
+def _quiet_console_env() -> None:
+    """Before Prefect is imported: console logs at WARNING here and in local Dask workers.
+
+    The progress bar and the summary are the CLI's output; every log still reaches the
+    Prefect API and its UI.
+    """
+    if not os.environ.get("SWARM_DEBUG"):
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
+def _quiet_console() -> None:
+    if os.environ.get("SWARM_DEBUG"):
+        return
+    import prefect.logging.configuration  # noqa: F401 - make sure Prefect configured logging
+
+    seen = set()
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if id(handler) not in seen and type(handler).__name__ == "PrefectConsoleHandler":
+                seen.add(id(handler))
+                handler.addFilter(_UserErrorFilter())
+
+
+@contextmanager
+def progress_bar() -> Iterator[None]:
+    from deployments.progress import listening
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+    ids: dict[str, int] = {}
+
+    def update(description: str, done: float, total: float) -> None:
+        if description not in ids:
+            ids[description] = bars.add_task(description, total=total)
+        bars.update(ids[description], completed=done, total=total)
+
+    with bars, listening(update):
+        yield
+
+
+def _prepare_runtime() -> None:
+    from deployments.runtime import ensure_prefect_api
+
+    ensure_prefect_api()
+    _quiet_console()
+
+
+def print_kv(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+def stage(
+    source: str = typer.Argument(..., help="fsspec URL (file, folder, glob, s3://…) or a built-in: digits, synthetic-image, synthetic-tokens"),
+    dest: str = typer.Argument(..., help="Destination dataset root (any fsspec URL)"),
+    format: str = typer.Option("auto", "--format", help="auto|parquet|csv|jsonl|npy"),
+    codec: str = typer.Option("zstd", "--codec", help="zstd|lz4|none"),
+    level: Optional[int] = typer.Option(None, "--level", help="Codec level (zstd 1..22, lz4 1..12)"),
+    shard_size: str = typer.Option("64MB", "--shard-size", help="Target decoded bytes per shard (e.g. 64MB, 1GiB)"),
+    shard_format: str = typer.Option("arrow", "--shard-format", help="arrow|parquet"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Fraction of rows for the 'val' split, in [0, 1)"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val split"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)"),
+    dask_address: Optional[str] = DaskAddress,
+) -> None:
+    """Stage a dataset into compressed shards with a manifest."""
+    from tasks.staging import StageConfig
+
+    config = StageConfig(
+        source=source, dest=dest, format=format, codec=codec, level=level, shard_size=shard_size,
+        shard_format=shard_format, val_fraction=val_fraction, seed=seed,
+        storage_options=parse_storage_options(storage_option), dask_address=dask_address,
+    )
+    _prepare_runtime()
+    from flows.stage import stage_dataset
+
+    with progress_bar():
+        result = stage_dataset(config)
+    print_stage_summary(result)
+
+
+def print_stage_summary(result) -> None:
+    from deployments.runtime import ui_url
+
+    print_kv(
+        "staged" if not result.up_to_date else "already staged (nothing to do)",
+        [
+            ("dataset", result.dest),
+            ("rows", f"{result.rows:,}  ({', '.join(f'{k} {v:,}' for k, v in result.splits.items())})"),
+            ("shards", f"{result.shards}  ({result.written_shards} written, {result.skipped_shards} unchanged)"),
+            ("bytes in", human_bytes(result.bytes_in)),
+            ("bytes out", f"{human_bytes(result.bytes_out)}  (x{result.compression_ratio} smaller than decoded)"),
+            ("throughput", f"{result.rows_per_second:,.0f} rows/s in {result.seconds:.1f} s"),
+            ("Prefect UI", ui_url() or "-"),
+        ],
+    )
+
+
+@app.command()
+def server(
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),
+) -> None:
+    """Run the managed local Prefect server (UI included) until Ctrl-C; other commands reuse it."""
+    from deployments.runtime import serve_forever
+
+    serve_forever(port=port, host=host)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = bool(os.environ.get("SWARM_DEBUG"))
+    _quiet_console_env()
+    try:
+        app(args=argv, prog_name="swarm", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        return 130
+    except SwarmError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        return exc.exit_code
+    except ValidationError as exc:
+        err.print(f"[bold red]error:[/] {format_validation_error(exc)}", highlight=False, soft_wrap=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: say so plainly
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n(run again with SWARM_DEBUG=1 for the traceback)",
+                  highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())

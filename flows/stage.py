@@ -1,0 +1,57 @@
+"""The staging flow: source -> compressed shards + manifest, written on Dask workers."""
+
+from __future__ import annotations
+
+import time
+
+from prefect.futures import as_completed
+
+from deployments import artifacts
+from deployments.cluster import dask_runner, worker_count
+from deployments.progress import Progress
+from flows.base import swarm_flow
+from tasks.staging import (
+    StageConfig,
+    StageResult,
+    commit_task,
+    group_tasks,
+    plan_stage_task,
+    write_group_task,
+)
+
+
+@swarm_flow(name="stage-dataset", description="Stage a source into compressed shards with a manifest.")
+def stage_dataset(config: StageConfig) -> StageResult:
+    """Stage ``config.source`` into a sharded dataset at ``config.dest``."""
+    started = time.perf_counter()
+    plan = plan_stage_task(config)
+    results = []
+    if not plan.up_to_date:
+        with dask_runner(config.dask_address) as runner:
+            groups = group_tasks(plan, n_groups=2 * worker_count(runner))
+            progress = Progress(f"staging {plan.rows:,} rows into {plan.shard_count} shard(s)", total=plan.rows)
+            futures = [runner.submit(write_group_task, {"group": g}) for g in groups]
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                progress.advance(result.rows)
+            progress.finish()
+    result = commit_task(plan, results, time.perf_counter() - started)
+    artifacts.table("stage-dataset", [summary_row(result)], description=f"Staged {config.source} -> {config.dest}")
+    return result
+
+
+def summary_row(result: StageResult) -> dict:
+    return {
+        "dest": result.dest,
+        "rows": result.rows,
+        "shards": result.shards,
+        "splits": ", ".join(f"{k}={v}" for k, v in result.splits.items()),
+        "bytes_in": result.bytes_in,
+        "bytes_out": result.bytes_out,
+        "compression_ratio": result.compression_ratio,
+        "rows_per_s": result.rows_per_second,
+        "written": result.written_shards,
+        "skipped": result.skipped_shards,
+        "seconds": result.seconds,
+    }

@@ -1,0 +1,1 @@
+"""Storage layer: shard format, manifest, codecs, sources and readers (no Prefect here)."""

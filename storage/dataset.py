@@ -1,0 +1,89 @@
+"""Reading a staged dataset: manifest plus shards, with optional hash verification."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from storage import formats, manifest as manifest_mod
+from storage.errors import IntegrityError, ManifestError
+from storage.hashing import digest_bytes
+from storage.manifest import Manifest, ShardEntry
+from storage.urls import is_local, url_to_fs
+
+
+@dataclass
+class Dataset:
+    """A staged dataset opened from its root URL."""
+
+    url: str
+    fs: Any
+    root: str
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Dataset":
+        fs, root = url_to_fs(url, storage_options)
+        root = root.rstrip("/")
+        return cls(url=url, fs=fs, root=root, manifest=manifest_mod.read(fs, root))
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.manifest.schema
+
+    def shards(self, split: str | None = None) -> list[ShardEntry]:
+        return self.manifest.shards_for(split)
+
+    def shard_path(self, entry: ShardEntry) -> str:
+        path = f"{self.root}/{entry.name}"
+        if is_local(self.fs):
+            # A symlink inside the dataset must not lead outside it.
+            real_root = os.path.realpath(self.root)
+            real = os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise ManifestError(
+                    f"shard {entry.name!r} resolves to {real!r}, outside the dataset root {real_root!r}"
+                )
+        return path
+
+    def read_shard_bytes(self, entry: ShardEntry, verify: bool = False) -> bytes:
+        path = self.shard_path(entry)
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise ManifestError(f"shard {entry.name!r} named in the manifest is missing at {path!r}") from None
+        if verify:
+            check_bytes(data, entry, where=path)
+        return data
+
+    def read_shard(self, entry: ShardEntry, verify: bool = False) -> pa.Table:
+        data = self.read_shard_bytes(entry, verify=verify)
+        return formats.get(self.manifest.shard_format).decode(data)
+
+    def iter_tables(self, split: str | None = None, verify: bool = False) -> Iterator[pa.Table]:
+        for entry in self.shards(split):
+            yield self.read_shard(entry, verify=verify)
+
+    def read_table(self, split: str | None = None, verify: bool = False) -> pa.Table:
+        tables = list(self.iter_tables(split, verify=verify))
+        if not tables:
+            return self.schema.empty_table()
+        return pa.concat_tables(tables)
+
+    def verify(self) -> None:
+        """Check every shard against its recorded size and hash."""
+        for entry in self.shards():
+            self.read_shard_bytes(entry, verify=True)
+
+
+def check_bytes(data: bytes, entry: ShardEntry, where: str) -> None:
+    if len(data) != entry.bytes:
+        raise IntegrityError(
+            f"shard {where!r} has {len(data)} bytes, the manifest says {entry.bytes}"
+        )
+    got = digest_bytes(data)
+    if got != entry.hash:
+        raise IntegrityError(f"shard {where!r} is corrupt: hash {got} != manifest {entry.hash}")

@@ -1,0 +1,476 @@
+"""Staging: any source (files or a built-in) into a sharded, compressed dataset.
+
+Plan (driver): resolve and inspect the source, validate everything, fix the shard
+layout. Write (Dask workers, one coarse task per group of shards): read the rows, split,
+encode, hash and store shards. Commit (driver): write the manifest last, atomically,
+then remove shard files neither the new nor the previous manifest names.
+
+The shard layout is a pure function of the data and the options (rows per shard from the
+target size, a row's split from a hash of its global index), never of the cluster size,
+so a re-run reproduces the same shard names and skips the ones already stored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+
+from storage import codecs, manifest as manifest_mod, sources
+from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
+from storage.manifest import Manifest, ShardEntry
+from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
+from storage.sources import SourceUnit
+from storage.urls import protocol_of, url_to_fs
+from tasks import datasets
+
+SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
+
+
+def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse credentials in parameters the Prefect UI would show; point to the right place."""
+    for key in options:
+        if any(word in key.lower() for word in SECRET_WORDS) or key.lower() in ("key", "secret"):
+            raise ConfigError(
+                f"storage option {key!r} looks like a credential; parameters are shown in the Prefect UI, "
+                "so pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
+                "or a Prefect block named by `credentials_block`"
+            )
+    return options
+
+
+class StageConfig(BaseModel):
+    """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy files; "
+        "s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens"
+    )
+    dest: str = Field(description="Destination dataset root, any fsspec URL")
+    format: Literal["auto", "parquet", "csv", "jsonl", "npy"] = Field("auto", description="Source file format")
+    codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Shard compression codec")
+    level: int | None = Field(None, description="Codec level (zstd 1..22, lz4 1..12); empty for the default")
+    shard_size: ByteSize = Field(ByteSize(64_000_000), description="Target decoded bytes per shard, e.g. 64MB")
+    shard_format: Literal["arrow", "parquet"] = Field("arrow", description="Shard file format")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
+    seed: int = Field(0, ge=0, description="Seed of the train/val split")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
+    )
+    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _positive_size(cls, value: Any) -> Any:
+        text = str(value).strip()
+        if text.startswith("-") or (isinstance(value, (int, float)) and value <= 0) or text in ("0", "0B"):
+            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value!r})")
+        return value
+
+    @field_validator("shard_size")
+    @classmethod
+    def _nonzero_size(cls, value: ByteSize) -> ByteSize:
+        if value <= 0:
+            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value})")
+        return value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_storage_options(value)
+
+    @model_validator(mode="after")
+    def _level_fits_codec(self) -> "StageConfig":
+        _, self.level = codecs.resolve(self.codec, self.level)
+        return self
+
+
+@dataclass
+class StagePlan:
+    config: StageConfig
+    schema: pa.Schema
+    units: list[SourceUnit]
+    unit_offsets: list[int]
+    rows: int
+    bytes_in: int
+    rows_per_shard: int
+    metadata: dict[str, Any]
+    source: dict[str, Any]
+    previous: Manifest | None
+    up_to_date: bool = False
+
+    @property
+    def shard_count(self) -> int:
+        return math.ceil(self.rows / self.rows_per_shard)
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """What one write task needs: its shard range and the source units that cover it."""
+
+    index: int
+    dest: str
+    first_shard: int
+    end_shard: int
+    rows_per_shard: int
+    total_rows: int
+    units: list[tuple[int, SourceUnit]]
+    schema: pa.Schema
+    spec: ShardSpec
+    val_fraction: float
+    seed: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    index: int
+    entries: list[ShardEntry]
+    written: int
+    skipped: int
+    rows: int
+    seconds: float
+    worker: str = ""
+
+
+class StageResult(BaseModel):
+    """What staging did."""
+
+    dest: str
+    rows: int
+    shards: int
+    splits: dict[str, int]
+    bytes_in: int
+    bytes_out: int
+    raw_bytes: int
+    compression_ratio: float
+    written_shards: int
+    skipped_shards: int
+    seconds: float
+    rows_per_second: float
+    up_to_date: bool
+    manifest_hash: str
+
+
+# --------------------------------------------------------------------------- plan
+
+BUILTIN = "builtin"
+
+
+def _inspect_builtin(spec: str, unit_bytes: int):
+    ds = datasets.open_builtin(spec)
+    schema, rows = ds.schema(), ds.num_rows()
+    probe = ds.read(0, min(rows, 256))
+    row_bytes = max(1, probe.nbytes // max(1, probe.num_rows))
+    step = max(1, unit_bytes // row_bytes)
+    units = [
+        SourceUnit(f"{BUILTIN}:{spec}", BUILTIN, s, min(rows, s + step), min(rows, s + step) - s, (min(rows, s + step) - s) * row_bytes)
+        for s in range(0, rows, step)
+    ]
+    fp = "builtin:" + spec
+    return schema, units, rows, rows * row_bytes, dict(ds.metadata), fp
+
+
+def _inspect_files(config: StageConfig, unit_bytes: int):
+    files = sources.list_files(config.source, config.format, config.storage_options)
+    inspected = [sources.inspect(f, unit_bytes, config.storage_options) for f in files]
+    schema = sources.unify(inspected)
+    units = [u for i in inspected for u in i.units]
+    rows = sum(i.rows for i in inspected)
+    return schema, units, rows, sum(f.size for f in files), _metadata_from_schema(schema), sources.fingerprint(files)
+
+
+def _metadata_from_schema(schema: pa.Schema) -> dict[str, Any]:
+    """Training hints for file sources: a ``label`` column and one feature column if obvious."""
+    meta: dict[str, Any] = {}
+    if "label" in schema.names:
+        meta["label"] = "label"
+        others = [f for f in schema if f.name != "label"]
+        if len(others) == 1:
+            meta["feature"] = others[0].name
+            shape = (others[0].metadata or {}).get(sources.SHAPE_KEY)
+            if shape:
+                import json
+
+                meta["shape"] = json.loads(shape)
+    return meta
+
+
+def check_destination(dest: str, storage_options: dict[str, Any]):
+    fs, root = url_to_fs(dest, storage_options)
+    root = root.rstrip("/")
+    try:
+        if fs.isfile(root):
+            raise DestinationError(f"destination {dest!r} is an existing file; give a folder (or a new path) for the dataset")
+        if protocol_of(fs) not in ("file", "local", "memory"):
+            bucket = root.split("/", 1)[0]
+            if not fs.exists(bucket):
+                raise DestinationError(f"destination bucket {bucket!r} does not exist ({dest!r}); create it first")
+    except SwarmError:
+        raise
+    except (PermissionError, OSError) as exc:
+        raise DestinationError(f"cannot reach destination {dest!r}: {exc}") from None
+    return fs, root
+
+
+def plan_stage(config: StageConfig) -> StagePlan:
+    """Inspect the source and destination and fix the shard layout; writes nothing."""
+    fs, root = check_destination(config.dest, config.storage_options)
+    unit_bytes = int(config.shard_size)
+    if datasets.is_builtin(config.source):
+        schema, units, rows, bytes_in, metadata, fp = _inspect_builtin(config.source, unit_bytes)
+    elif "://" not in config.source and not _looks_like_path(config.source):
+        datasets.open_builtin(config.source)  # raises: unknown built-in, naming the known ones
+        raise AssertionError("unreachable")
+    else:
+        schema, units, rows, bytes_in, metadata, fp = _inspect_files(config, unit_bytes)
+    if rows == 0:
+        raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
+    if not schema.names:
+        raise SourceError(f"source {config.source!r} has no columns")
+    raw_total = sum(u.raw_bytes for u in units) or rows
+    rows_per_shard = max(1, int(config.shard_size) * rows // raw_total)
+    offsets, acc = [], 0
+    for u in units:
+        offsets.append(acc)
+        acc += u.rows
+    assert acc == rows, (acc, rows)
+    options = config.model_dump(include={"format", "codec", "level", "shard_size", "shard_format", "val_fraction", "seed"})
+    source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "rows_per_shard": rows_per_shard}
+    previous = manifest_mod.read_if_exists(fs, root)
+    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, rows_per_shard, metadata, source, previous)
+    plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
+    return plan
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "." in text or "*" in text
+
+
+def _redact(url: str) -> str:
+    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _all_present(fs, root: str, manifest: Manifest) -> bool:
+    try:
+        sizes = {p: int(i.get("size") or 0) for p, i in fs.find(root, detail=True).items()}
+    except (FileNotFoundError, OSError):
+        return False
+    strip = fs._strip_protocol
+    return all(sizes.get(strip(f"{root}/{s.name}")) == s.bytes for s in manifest.shards)
+
+
+def group_tasks(plan: StagePlan, n_groups: int) -> list[GroupTask]:
+    """Cut the shard range into at most ``n_groups`` contiguous, coarse tasks."""
+    cfg = plan.config
+    shards = plan.shard_count
+    n_groups = max(1, min(n_groups, shards))
+    per_group = math.ceil(shards / n_groups)
+    spec = ShardSpec(cfg.shard_format, cfg.codec, cfg.level)
+    tasks = []
+    for g, first in enumerate(range(0, shards, per_group)):
+        end = min(shards, first + per_group)
+        lo, hi = first * plan.rows_per_shard, min(plan.rows, end * plan.rows_per_shard)
+        units = [
+            (off, u) for off, u in zip(plan.unit_offsets, plan.units) if off < hi and off + u.rows > lo
+        ]
+        tasks.append(
+            GroupTask(g, cfg.dest, first, end, plan.rows_per_shard, plan.rows, units, plan.schema, spec,
+                      cfg.val_fraction, cfg.seed, cfg.storage_options)
+        )
+    return tasks
+
+
+# --------------------------------------------------------------------------- write
+
+
+def split_mask(rows: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """True where a global row index falls in the 'val' split (splitmix64 of seed and index)."""
+    if fraction <= 0:
+        return np.zeros(len(rows), dtype=bool)
+    with np.errstate(over="ignore"):
+        z = rows.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
+
+
+def _read_rows(unit: SourceUnit, task: GroupTask) -> pa.Table:
+    if unit.format == BUILTIN:
+        return datasets.open_builtin(unit.url.split(":", 1)[1]).read(unit.start, unit.stop)
+    return sources.read_unit(unit, task.schema, task.storage_options)
+
+
+def write_group(task: GroupTask) -> GroupResult:
+    """Read the rows of a group's shards, split them and write the shards."""
+    start_time = time.perf_counter()
+    fs, root = url_to_fs(task.dest, task.storage_options)
+    root = root.rstrip("/")
+    lo = task.first_shard * task.rows_per_shard
+    hi = min(task.total_rows, task.end_shard * task.rows_per_shard)
+    entries: list[ShardEntry] = []
+    written = skipped = 0
+    pending: list[pa.Table] = []
+    pending_start = lo
+    pending_rows = 0
+    shard = task.first_shard
+
+    def flush(table: pa.Table, index: int) -> None:
+        nonlocal written, skipped
+        first_row = index * task.rows_per_shard
+        mask = split_mask(np.arange(first_row, first_row + table.num_rows), task.seed, task.val_fraction)
+        parts = [("train", table)] if not mask.any() else [
+            ("train", table.filter(pa.array(~mask))),
+            ("val", table.filter(pa.array(mask))),
+        ]
+        for split, part in parts:
+            if part.num_rows == 0:
+                continue
+            out = write_shard(fs, root, split, index, part, task.spec)
+            entries.append(out.entry)
+            skipped += out.skipped
+            written += not out.skipped
+
+    for offset, unit in task.units:
+        table = _read_rows(unit, task)
+        if table.num_rows != unit.rows:
+            raise SourceError(
+                f"{unit.url!r} changed while staging: expected {unit.rows} rows in this part, read {table.num_rows}"
+            )
+        a, b = max(lo, offset) - offset, min(hi, offset + unit.rows) - offset
+        pending.append(table.slice(a, b - a))
+        pending_rows += b - a
+        while shard < task.end_shard and pending_start + pending_rows >= min(hi, (shard + 1) * task.rows_per_shard):
+            shard_end = min(hi, (shard + 1) * task.rows_per_shard)
+            combined = pa.concat_tables(pending)
+            take = shard_end - pending_start
+            flush(combined.slice(0, take), shard)
+            rest = combined.slice(take)
+            pending, pending_rows, pending_start = [rest], rest.num_rows, shard_end
+            shard += 1
+    assert shard == task.end_shard, (shard, task.end_shard)
+    return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
+                       worker=f"{socket.gethostname()}:{os.getpid()}")
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> StageResult:
+    """Write the manifest (last, atomically) and remove shards no manifest names."""
+    cfg = plan.config
+    fs, root = url_to_fs(cfg.dest, cfg.storage_options)
+    root = root.rstrip("/")
+    if plan.up_to_date:
+        manifest = plan.previous
+        written, skipped = 0, len(manifest.shards)
+    else:
+        entries = sorted((e for r in results for e in r.entries), key=lambda e: (e.split, e.name))
+        got = sum(e.rows for e in entries)
+        if got != plan.rows:
+            raise SourceError(f"staged {got} rows but the source has {plan.rows}; the source changed while staging")
+        manifest = Manifest(
+            shard_format=cfg.shard_format,
+            codec=cfg.codec,
+            level=cfg.level,
+            schema=plan.schema,
+            shards=entries,
+            metadata=plan.metadata,
+            source=plan.source,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest_mod.write(fs, root, manifest)
+        remove_unreferenced(fs, root, keep=[manifest, plan.previous])
+        written = sum(r.written for r in results)
+        skipped = sum(r.skipped for r in results)
+    raw = sum(s.raw_bytes for s in manifest.shards)
+    splits: dict[str, int] = {}
+    for s in manifest.shards:
+        splits[s.split] = splits.get(s.split, 0) + s.rows
+    return StageResult(
+        dest=cfg.dest,
+        rows=manifest.rows,
+        shards=len(manifest.shards),
+        splits=splits,
+        bytes_in=plan.bytes_in,
+        bytes_out=manifest.bytes,
+        raw_bytes=raw,
+        compression_ratio=round(raw / manifest.bytes, 3) if manifest.bytes else 0.0,
+        written_shards=written,
+        skipped_shards=skipped,
+        seconds=round(seconds, 3),
+        rows_per_second=round(manifest.rows / seconds, 1) if seconds > 0 else 0.0,
+        up_to_date=plan.up_to_date,
+        manifest_hash=manifest.content_hash(),
+    )
+
+
+def remove_unreferenced(fs, root: str, keep: list[Manifest | None]) -> int:
+    """Delete shard files (and stale temporaries) that none of ``keep`` names."""
+    names = {s.name for m in keep if m is not None for s in m.shards}
+    removed = 0
+    try:
+        found = fs.find(root)
+    except (FileNotFoundError, OSError):
+        return 0
+    prefix = fs._strip_protocol(root).rstrip("/") + "/"
+    for path in found:
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        base = rel.rsplit("/", 1)[-1]
+        if "/" not in rel:
+            continue  # files at the root (index.json, user files) are never touched
+        if (base.startswith(PART_PREFIX) or base.startswith(".tmp-")) and rel not in names:
+            try:
+                fs.rm_file(path)
+                removed += 1
+            except (FileNotFoundError, OSError):
+                pass
+    return removed
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except SwarmError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="plan-staging", cache_policy=NO_CACHE)
+def plan_stage_task(config: StageConfig) -> StagePlan:
+    """Inspect the source and destination and fix the shard layout."""
+    return plan_stage(config)
+
+
+@task(name="write-shards", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error,
+      cache_policy=NO_CACHE)
+def write_group_task(group: GroupTask) -> GroupResult:
+    """Read one group's source rows and write its shards (idempotent)."""
+    return write_group(group)
+
+
+@task(name="commit-manifest", cache_policy=NO_CACHE)
+def commit_task(plan: StagePlan, results: list[GroupResult], seconds: float) -> StageResult:
+    """Write the manifest last and atomically; clean up unreferenced shards."""
+    return commit(plan, results, seconds)

@@ -1,0 +1,80 @@
+"""Session services, started by the tests themselves: S3 (moto), Prefect, Dask.
+
+Order matters: credentials and the Prefect API URL go into the environment before the
+Dask worker processes start, so the workers inherit them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def s3(session_dir):
+    from tests.services import MotoS3
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ[key] = value
+    server = MotoS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(session_dir, s3):
+    """A real Prefect server for the whole session (``s3`` first: its env must reach workers)."""
+    from deployments.runtime import _use_api
+    from tests.services import start_prefect
+
+    os.environ["SWARM_HOME"] = str(session_dir / "swarm-home")
+    server = start_prefect(session_dir / "prefect")
+    _use_api(server.url)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(prefect_api):
+    """A Dask cluster of two worker processes that report to the session's Prefect API."""
+    from tests.services import start_dask
+
+    cluster = start_dask(2)
+    os.environ["SWARM_DASK_ADDRESS"] = cluster.scheduler_address
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def bucket(s3):
+    """A fresh, empty S3 bucket on the loopback server."""
+    import uuid
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    s3.s3fs().mkdir(name)
+    return name
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``swarm`` as a user would, in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", "from flows.cli import entrypoint; entrypoint()", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+    )
