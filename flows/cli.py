@@ -36,13 +36,13 @@ err = Console(stderr=True)
 DaskAddress = typer.Option(None, "--dask-address", help="Address of an existing Dask scheduler (default: a local cluster)")
 
 
-def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
+def parse_storage_options(pairs: list[str] | None, option: str = "--storage-option") -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values are JSON where they parse (true, 3, {"a": 1}), else strings."""
     options: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--storage-option {pair!r} is not KEY=VALUE")
+            raise ConfigError(f"{option} {pair!r} is not KEY=VALUE")
         try:
             options[key] = json.loads(value)
         except ValueError:
@@ -179,6 +179,70 @@ def print_stage_summary(result) -> None:
             ("bytes in", human_bytes(result.bytes_in)),
             ("bytes out", f"{human_bytes(result.bytes_out)}  (x{result.compression_ratio} smaller than decoded)"),
             ("throughput", f"{result.rows_per_second:,.0f} rows/s in {result.seconds:.1f} s"),
+            ("Prefect UI", ui_url() or "-"),
+        ],
+    )
+
+
+@app.command()
+def train(
+    dataset: str = typer.Argument(..., help="Staged dataset root (fsspec URL)"),
+    model: str = typer.Option("auto", "--model", help="mlp|cnn|transformer|MODULE:FACTORY (auto: by dataset kind)"),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="Model argument KEY=VALUE (repeatable)"),
+    epochs: int = typer.Option(15, "--epochs"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Per-rank batch size"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32|bf16-mixed|fp16-mixed"),
+    world_size: int = typer.Option(1, "--world-size", help="DDP ranks, one per Dask worker"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Checkpoint root URL"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the latest checkpoint"),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this checkpoint's weights"),
+    seed: int = typer.Option(0, "--seed"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank"),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Regex of layer names for adapters"),
+    grad_compression: str = typer.Option("none", "--grad-compression", help="none|fp16|bf16 (DDP hook)"),
+    bucket_cap_mb: float = typer.Option(25.0, "--bucket-cap-mb", help="DDP bucket size"),
+    feature_column: Optional[str] = typer.Option(None, "--feature-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
+    dask_address: Optional[str] = DaskAddress,
+) -> None:
+    """Train a model with DDP across Dask workers (checkpoints, resume, LoRA)."""
+    from tasks.training import TrainConfig
+
+    config = TrainConfig(
+        dataset=dataset, model=model, model_args=parse_storage_options(model_arg, "--model-arg"), epochs=epochs,
+        batch_size=batch_size, lr=lr, precision=precision, world_size=world_size, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, resume=resume, init_from=init_from, seed=seed, lora_rank=lora_rank,
+        lora_targets=lora_targets, grad_compression=grad_compression, bucket_cap_mb=bucket_cap_mb,
+        feature_column=feature_column, label_column=label_column,
+        storage_options=parse_storage_options(storage_option), dask_address=dask_address,
+    )
+    _prepare_runtime()
+    from flows.train import train_model
+
+    with progress_bar():
+        result = train_model(config)
+    print_train_summary(result)
+
+
+def print_train_summary(result) -> None:
+    from deployments.runtime import ui_url
+
+    acc = "-" if result.val_acc is None else f"{100 * result.val_acc:.2f}%"
+    print_kv(
+        "trained",
+        [
+            ("model", f"{result.model} ({result.parameters:,} parameters) {result.model_args}"),
+            ("ranks", result.world_size),
+            ("epochs / steps", f"{result.epochs} / {result.steps:,}"),
+            ("validation accuracy", acc),
+            ("train loss", result.train_loss),
+            ("throughput", f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"),
+            ("resumed from", result.resumed_from or "-"),
+            ("checkpoint", result.checkpoint),
+            ("time", f"{result.seconds:.1f} s"),
             ("Prefect UI", ui_url() or "-"),
         ],
     )

@@ -6,7 +6,7 @@ import time
 
 from prefect.futures import as_completed
 
-from deployments import artifacts
+from tasks import artifacts
 from deployments.cluster import dask_runner, worker_count
 from deployments.progress import Progress
 from flows.base import swarm_flow

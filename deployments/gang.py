@@ -1,0 +1,101 @@
+"""Gang scheduling of a group of Prefect tasks on distinct Dask workers.
+
+Every member is pinned to its own worker (``allow_other_workers=False``) with Dask
+retries off, so Dask never re-runs one member alone: if a member fails, or its worker
+leaves the cluster, every member is cancelled and :class:`GangFailed` is raised for the
+caller to retry the whole group.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable
+
+import dask
+
+from storage.errors import ConfigError
+
+
+class GangFailed(RuntimeError):
+    """A member of the group failed; the group as a whole should be retried."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _worker_resources(client) -> dict[str, dict]:
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return {addr: w.get("resources", {}) for addr, w in info.items()}
+
+
+def pick_workers(client, size: int, wait_s: float = 0.0, resource: str | None = None) -> list[str]:
+    """``size`` distinct workers (those with ``resource`` when given), or a clear error."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        workers = sorted(a for a, r in _worker_resources(client).items() if resource is None or r.get(resource))
+        if len(workers) >= size or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if len(workers) < size:
+        kind = f" with a {resource} resource" if resource else ""
+        raise ConfigError(
+            f"world size {size} is larger than the cluster: it has {len(workers)} worker(s){kind}; "
+            f"lower --world-size to at most {len(workers)} or add workers"
+        )
+    return workers[:size]
+
+
+def has_resource(client, resource: str) -> bool:
+    return any(r.get(resource) for r in _worker_resources(client).values())
+
+
+def free_port_on(client, worker: str) -> int:
+    """A port that is free on ``worker``'s host, asked of the worker itself."""
+    return client.run(_free_port, workers=[worker])[worker]
+
+
+def host_of(worker: str) -> str:
+    return worker.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
+def run_gang(runner, task, jobs: list[Any], workers: list[str], resources: dict | None = None,
+             on_poll: Callable[[], None] | None = None, poll_s: float = 0.25) -> list[Any]:
+    """Run ``task(job=jobs[i])`` on ``workers[i]`` for all i; all succeed or :class:`GangFailed`."""
+    client = runner.client
+    futures = []
+    for job, worker in zip(jobs, workers):
+        with dask.annotate(workers=[worker], allow_other_workers=False, retries=0, **({"resources": resources} if resources else {})):
+            futures.append(runner.submit(task, {"job": job}))
+    wrapped = [f.wrapped_future for f in futures]
+    try:
+        while True:
+            if on_poll is not None:
+                on_poll()
+            problem = _problem(client, wrapped, workers)
+            if problem:
+                raise GangFailed(problem)
+            if all(w.done() for w in wrapped):
+                return [f.result() for f in futures]
+            time.sleep(poll_s)
+    except BaseException:
+        client.cancel(wrapped, force=True)
+        raise
+
+
+def _problem(client, wrapped, workers) -> str | None:
+    for rank, fut in enumerate(wrapped):
+        if fut.status in ("error", "cancelled", "lost"):
+            return f"member {rank} on {workers[rank]} ended with status {fut.status}"
+        if fut.done():
+            state = fut.result()
+            if not state.is_completed():
+                return f"member {rank} on {workers[rank]} ended {state.type.value}: {state.message}"
+    alive = set(client.scheduler_info(n_workers=-1)["workers"])
+    for rank, fut in enumerate(wrapped):
+        if not fut.done() and workers[rank] not in alive:
+            return f"worker {workers[rank]} of member {rank} left the cluster"
+    return None

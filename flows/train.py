@@ -1,0 +1,123 @@
+"""The training flow: validate, then DDP ranks gang-scheduled on Dask workers, retried as a group."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.context import get_run_context
+from pydantic import BaseModel
+
+from deployments.cluster import dask_runner
+from deployments.gang import free_port_on, has_resource, host_of, pick_workers, run_gang
+from deployments.progress import Progress
+from flows.base import swarm_flow
+from storage.errors import ConfigError
+from tasks import artifacts
+from tasks.training import (
+    PROGRESS_TOPIC,
+    RankJob,
+    RankResult,
+    TrainConfig,
+    TrainPlan,
+    clear_checkpoints,
+    latest_checkpoint,
+    prepare_training_task,
+    train_rank_task,
+)
+
+
+class TrainResult(BaseModel):
+    """What training produced."""
+
+    checkpoint: str
+    checkpoint_dir: str
+    model: str
+    model_args: dict[str, Any]
+    parameters: int
+    world_size: int
+    epochs: int
+    steps: int
+    attempts: int
+    resumed_from: str | None
+    val_acc: float | None
+    train_loss: float
+    samples_per_s: float
+    data_stall_share: float
+    seconds: float
+    history: list[dict[str, Any]]
+
+
+@flow(name="ddp-group")
+def ddp_group(config: TrainConfig, plan: TrainPlan) -> list[RankResult]:
+    """One attempt of the whole rank group; Prefect retries it as a unit."""
+    attempt = get_run_context().flow_run.run_count
+    with dask_runner(config.dask_address) as runner:
+        client = runner.client
+        gpu = has_resource(client, "GPU")
+        if config.precision == "fp16-mixed" and not gpu:
+            raise ConfigError("precision fp16-mixed needs GPU workers (CUDA and a gradient scaler); use bf16-mixed or fp32")
+        workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 else 90,
+                               resource="GPU" if gpu else None)
+        port = free_port_on(client, workers[0]) if config.world_size > 1 else 0
+        resume_from = latest_checkpoint(config)
+        jobs = [
+            RankJob(config, plan.model_name, plan.model_args, plan.columns, rank, config.world_size,
+                    host_of(workers[0]), port, attempt, resume_from)
+            for rank in range(config.world_size)
+        ]
+        progress: dict[str, Progress] = {}
+        latest: dict[str, Any] = {}
+        client.subscribe_topic(PROGRESS_TOPIC, lambda event: latest.update(event[1]))
+
+        def forward_progress() -> None:
+            event = dict(latest)
+            if "done" in event:
+                bar = progress.get("bar") or progress.setdefault("bar", Progress(event["description"], event["total"]))
+                bar.advance(event["done"] - bar.done)
+
+        try:
+            return run_gang(runner, train_rank_task, jobs, workers, resources={"GPU": 1} if gpu else None,
+                            on_poll=forward_progress)
+        finally:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
+            forward_progress()
+
+
+@swarm_flow(name="train-model", description="Train a model with DDP across Dask workers.")
+def train_model(config: TrainConfig) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset``; resumes from the last checkpoint."""
+    started = time.perf_counter()
+    plan = prepare_training_task(config)
+    if not config.resume:
+        clear_checkpoints(config)
+    group = ddp_group.with_options(retries=config.max_retries, retry_delay_seconds=1)
+    state = group(config, plan, return_state=True)
+    results = state.result()
+    main = results[0]
+    last = main.history[-1]
+    result = TrainResult(
+        checkpoint=main.checkpoint,
+        checkpoint_dir=config.checkpoint_dir,
+        model=plan.model_name,
+        model_args=plan.model_args,
+        parameters=plan.parameters,
+        world_size=config.world_size,
+        epochs=main.epochs,
+        steps=main.steps,
+        attempts=main.attempt,
+        resumed_from=main.resumed_from,
+        val_acc=last.get("val_acc"),
+        train_loss=last["train_loss"],
+        samples_per_s=last["samples_per_s"],
+        data_stall_share=last["data_stall_share"],
+        seconds=round(time.perf_counter() - started, 2),
+        history=main.history,
+    )
+    artifacts.table(
+        "train-model",
+        [{k: v for k, v in result.model_dump().items() if k not in ("history", "model_args")}],
+        description=f"Trained {plan.model_name} on {config.dataset}",
+    )
+    return result

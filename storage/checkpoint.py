@@ -1,0 +1,134 @@
+"""Checkpoints: safetensors plus JSON metadata on any fsspec URL. Never pickles.
+
+A checkpoint is a folder ``ckpt-<step>`` under a checkpoint root holding
+``tensors.safetensors`` and ``meta.json``. The tensors go first; ``meta.json`` (with the
+tensors' hash) is written last and atomically, so a folder without it is not a
+checkpoint and is ignored; a kill at any moment leaves the previous checkpoint usable.
+Only the last ``keep_last`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from storage import atomic
+from storage.errors import ConfigError, IntegrityError, ManifestError
+from storage.hashing import digest_bytes
+from storage.urls import url_to_fs
+
+FORMAT_ID = "swarm-checkpoint"
+VERSION = 1
+TENSORS = "tensors.safetensors"
+META = "meta.json"
+_DIR = re.compile(r"^ckpt-(\d{9})$")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def _name(step: int) -> str:
+    return f"ckpt-{step:09d}"
+
+
+def save(root_url: str, step: int, tensors: dict[str, Any], meta: dict[str, Any],
+         storage_options: dict | None = None, keep_last: int = 3) -> str:
+    """Write checkpoint ``step`` under ``root_url``; return its URL. ``tensors``: name -> torch.Tensor."""
+    from safetensors.torch import save as st_save
+
+    fs, root = url_to_fs(root_url, storage_options)
+    root = root.rstrip("/")
+    folder = f"{root}/{_name(step)}"
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    atomic.write_bytes(fs, f"{folder}/{TENSORS}", data)
+    doc = {"format": FORMAT_ID, "version": VERSION, "step": step, "tensors_hash": digest_bytes(data),
+           "tensors_bytes": len(data), **meta}
+    atomic.write_bytes(fs, f"{folder}/{META}", json.dumps(doc, indent=1, default=_jsonable).encode())
+    prune(fs, root, keep_last)
+    return f"{root_url.rstrip('/')}/{_name(step)}"
+
+
+def _jsonable(value: Any):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def steps(fs, root: str) -> list[int]:
+    """Steps of complete checkpoints (those with ``meta.json``), ascending."""
+    try:
+        entries = fs.ls(root, detail=False)
+    except (FileNotFoundError, OSError):
+        return []
+    found = []
+    for path in entries:
+        m = _DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if m and fs.exists(f"{path.rstrip('/')}/{META}"):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def prune(fs, root: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for step in steps(fs, root)[:-keep_last]:
+        folder = f"{root}/{_name(step)}"
+        fs.rm_file(f"{folder}/{META}")  # first: the folder stops being a checkpoint
+        fs.rm(folder, recursive=True)
+
+
+def latest(root_url: str, storage_options: dict | None = None) -> str | None:
+    fs, root = url_to_fs(root_url, storage_options)
+    found = steps(fs, root.rstrip("/"))
+    return f"{root_url.rstrip('/')}/{_name(found[-1])}" if found else None
+
+
+def resolve(url: str, storage_options: dict | None = None) -> str:
+    """A checkpoint folder, or the latest checkpoint under a root; refuses pickles."""
+    lower = url.lower().rstrip("/")
+    if lower.endswith(PICKLE_SUFFIXES):
+        raise ConfigError(
+            f"{url!r} is not a safetensors checkpoint: pickled checkpoints ({', '.join(PICKLE_SUFFIXES)}) "
+            "are refused because loading them can run code; save a safetensors checkpoint with Swarm"
+        )
+    fs, path = url_to_fs(url, storage_options)
+    path = path.rstrip("/")
+    if lower.endswith(".safetensors") or lower.endswith(META):
+        path = path.rsplit("/", 1)[0]
+        url = url.rstrip("/").rsplit("/", 1)[0]
+    if fs.exists(f"{path}/{META}"):
+        return url.rstrip("/")
+    found = latest(url, storage_options)
+    if found is None:
+        raise ManifestError(f"no checkpoint at {url!r} (expected {META} there or ckpt-* folders with one)")
+    return found
+
+
+def load(url: str, storage_options: dict | None = None, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``(tensors, meta)`` from a checkpoint folder or root (its latest checkpoint)."""
+    from safetensors.torch import load as st_load
+
+    url = resolve(url, storage_options)
+    fs, folder = url_to_fs(url, storage_options)
+    folder = folder.rstrip("/")
+    try:
+        meta = json.loads(fs.cat_file(f"{folder}/{META}"))
+    except ValueError as exc:
+        raise ManifestError(f"{url}/{META} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT_ID or meta.get("version") != VERSION:
+        raise ManifestError(
+            f"{url}/{META} is not a Swarm checkpoint of version {VERSION} "
+            f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+        )
+    try:
+        data = fs.cat_file(f"{folder}/{TENSORS}")
+    except FileNotFoundError:
+        raise ManifestError(f"checkpoint {url!r} has {META} but no {TENSORS}") from None
+    if verify and digest_bytes(data) != meta.get("tensors_hash"):
+        raise IntegrityError(f"checkpoint {url}/{TENSORS} is corrupt: its hash does not match {META}")
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise IntegrityError(f"{url}/{TENSORS} is not a valid safetensors file: {exc}") from None
+    return tensors, meta

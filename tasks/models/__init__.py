@@ -1,0 +1,105 @@
+"""Models: built-ins (mlp, cnn, transformer) behind a registry, or a user factory.
+
+A model is named by a spec: a built-in name or ``package.module:factory``, plus keyword
+arguments. Checkpoints store the spec, so a model can always be rebuilt exactly.
+Built-in arguments the dataset determines (input size, classes, vocabulary) are filled
+in from the manifest's metadata; explicit arguments win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+from storage.errors import ConfigError
+
+REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str, factory: Callable[..., Any], clobber: bool = False) -> None:
+    if name in REGISTRY and not clobber:
+        raise ValueError(f"model {name!r} is already registered")
+    REGISTRY[name] = factory
+
+
+def _load_builtins() -> None:
+    if REGISTRY:
+        return
+    from tasks.models import cnn, mlp, transformer
+
+    register("mlp", mlp.build)
+    register("cnn", cnn.build)
+    register("transformer", transformer.build)
+
+
+def builtin_names() -> list[str]:
+    _load_builtins()
+    return sorted(REGISTRY)
+
+
+def resolve_factory(name: str) -> Callable[..., Any]:
+    """The callable that builds ``name``: a built-in, or ``module:function`` imported."""
+    _load_builtins()
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" not in name:
+        raise ConfigError(
+            f"unknown model {name!r}; built-ins: {', '.join(sorted(REGISTRY))}, or give a factory as MODULE:FUNCTION"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model factory {name!r}: cannot import module {module_name!r} ({exc})") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ConfigError(f"model factory {name!r}: module {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def build_model(name: str, kwargs: dict[str, Any] | None = None):
+    """Instantiate a model from its spec, with a clear error for bad arguments."""
+    factory = resolve_factory(name)
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r} rejected its arguments {kwargs}: {exc}") from None
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def default_model(metadata: dict[str, Any]) -> str:
+    return "transformer" if metadata.get("kind") == "tokens" else "mlp"
+
+
+def infer_args(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Arguments a built-in takes from the dataset (shape, classes, vocabulary)."""
+    if name not in ("mlp", "cnn", "transformer"):
+        return {}
+    args: dict[str, Any] = {}
+    if "num_classes" in metadata:
+        args["num_classes"] = int(metadata["num_classes"])
+    shape = metadata.get("shape")
+    if name == "mlp" and shape:
+        size = 1
+        for d in shape:
+            size *= int(d)
+        args["in_features"] = size
+    if name == "cnn" and shape:
+        if len(shape) == 3:
+            args["in_channels"], args["image_size"] = int(shape[0]), int(shape[1])
+        elif len(shape) == 2:
+            args["in_channels"], args["image_size"] = 1, int(shape[0])
+    if name == "transformer":
+        for key in ("vocab_size", "seq_len"):
+            if key in metadata:
+                args[key] = int(metadata[key])
+    return args
+
+
+def config_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,148 @@
+"""Training: plan (validate data and model), then one Prefect task per DDP rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import checkpoint as ckpt
+from storage.dataset import Dataset
+from storage.errors import ConfigError
+from tasks.models import build_model, default_model, infer_args
+from tasks.training.config import TrainConfig
+from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
+from tasks.training.rank import RankJob, RankResult, train_rank
+
+PROGRESS_TOPIC = "swarm-train-progress"
+
+__all__ = ["TrainConfig", "TrainPlan", "prepare_training", "prepare_training_task", "train_rank_task", "RankJob",
+           "RankResult", "PROGRESS_TOPIC"]
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    model_name: str
+    model_args: dict[str, Any]
+    columns: Columns
+    train_rows: int
+    val_rows: int
+    parameters: int
+    resume_from: str | None
+
+
+def prepare_training(cfg: TrainConfig) -> TrainPlan:
+    """Check the dataset, model and checkpoints before any rank starts; writes nothing."""
+    ds = Dataset.open(cfg.dataset, cfg.storage_options)
+    cols = resolve_columns(ds, cfg.feature_column, cfg.label_column)
+    meta = ds.manifest.metadata
+    name = default_model(meta) if cfg.model == "auto" else cfg.model
+    args = {**infer_args(name, meta), **cfg.model_args}
+    model = build_model(name, args)
+    splits = {s: sum(e.rows for e in ds.shards(s)) for s in ds.manifest.splits}
+    if "train" not in splits:
+        raise ConfigError(f"dataset {cfg.dataset!r} has no 'train' split (splits: {', '.join(splits)})")
+    if splits["train"] < cfg.batch_size * cfg.world_size:
+        raise ConfigError(
+            f"the train split has {splits['train']} rows, fewer than one global batch "
+            f"({cfg.world_size} ranks x batch {cfg.batch_size}); lower --batch-size or --world-size"
+        )
+    _check_forward(model, ds, cols, name)
+    if cfg.init_from:
+        _, init_meta = ckpt.load(cfg.init_from, cfg.storage_options)
+        spec = init_meta.get("model", {})
+        if spec.get("name") != name or spec.get("args") != args:
+            raise ConfigError(
+                f"--init-from {cfg.init_from!r} holds model {spec.get('name')!r} with {spec.get('args')}, "
+                f"not {name!r} with {args}"
+            )
+    resume_from = ckpt.latest(cfg.checkpoint_dir, cfg.storage_options) if cfg.resume else None
+    if resume_from:
+        _, old = ckpt.load(resume_from, cfg.storage_options, verify=False)
+        spec = old.get("model", {})
+        if spec.get("name") != name or spec.get("args") != args:
+            raise ConfigError(
+                f"checkpoint dir {cfg.checkpoint_dir!r} holds a run of model {spec.get('name')!r} with "
+                f"{spec.get('args')}; pass --no-resume to start over there, or another --checkpoint-dir"
+            )
+    return TrainPlan(name, args, cols, splits["train"], splits.get("val", 0),
+                     sum(p.numel() for p in model.parameters()), resume_from)
+
+
+def _check_forward(model, ds: Dataset, cols: Columns, name: str) -> None:
+    import torch
+
+    table = ds.read_shard(ds.shards("train")[0]).slice(0, 2)
+    x, _ = to_arrays(table, cols)
+    try:
+        with torch.no_grad():
+            model(feature_tensor(x, cols))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
+        raise ConfigError(
+            f"model {name!r} cannot take column {cols.feature!r} of {ds.url!r} "
+            f"(rows of {x.shape[1:]} values): {type(exc).__name__}: {exc}"
+        ) from None
+
+
+class PrefectReporter:
+    """Rank 0's reports: progress as Dask events (the flow turns them into a Prefect progress
+    artifact and the CLI bar), and at the end the per-epoch table and the curves plot."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.last = 0.0
+
+    def _event(self, payload: dict) -> None:
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(PROGRESS_TOPIC, payload)
+        except ValueError:  # not on a Dask worker (plain call)
+            pass
+
+    def progress(self, step: int, total: int, metrics: dict) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last < 0.25 and step < total:
+            return
+        self.last = now
+        self._event({"description": self.description, "done": step, "total": total, **metrics})
+
+    def epoch(self, row: dict) -> None:
+        self._event({"description": self.description, "epoch_row": row})
+
+    def finish(self, history: list[dict]) -> None:
+        from tasks import artifacts
+        from tasks.training.plots import curves_png
+
+        artifacts.table("train-epochs", history, description="Per-epoch training metrics")
+        artifacts.image("train-curves", curves_png(history), description="Loss and accuracy per epoch")
+
+
+def clear_checkpoints(cfg: TrainConfig) -> None:
+    """``--no-resume``: start over, so a retried group never resumes an older run."""
+    from storage.urls import url_to_fs
+
+    fs, root = url_to_fs(cfg.checkpoint_dir, cfg.storage_options)
+    for step in ckpt.steps(fs, root.rstrip("/")):
+        fs.rm(f"{root.rstrip('/')}/ckpt-{step:09d}", recursive=True)
+
+
+def latest_checkpoint(cfg: TrainConfig) -> str | None:
+    return ckpt.latest(cfg.checkpoint_dir, cfg.storage_options)
+
+
+@task(name="prepare-training", cache_policy=NO_CACHE)
+def prepare_training_task(cfg: TrainConfig) -> TrainPlan:
+    """Validate dataset, model and checkpoints."""
+    return prepare_training(cfg)
+
+
+@task(name="train-rank", retries=0, cache_policy=NO_CACHE)
+def train_rank_task(job: RankJob) -> RankResult:
+    """Run one DDP rank; a failure fails the whole group, which is retried as one."""
+    reporter = PrefectReporter(f"training {job.model_name} on {job.world_size} rank(s)") if job.rank == 0 else None
+    return train_rank(job, reporter)

@@ -1,0 +1,315 @@
+"""One training rank: the plain function every Dask worker of a training group runs.
+
+All distributed setup is in :func:`_setup`, which derives rank, world size and device;
+every side effect after it (checkpoints, artifacts, progress) is limited to rank 0.
+Ranks restore the latest checkpoint (model, optimizer, scaler, epoch and batch position)
+before the first step, so a retried group resumes where the last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+import numpy as np
+
+from storage import checkpoint as ckpt
+from storage.errors import ConfigError
+from tasks.models import build_model
+from tasks.training.config import TrainConfig
+from tasks.training.data import Columns, RankBatches, feature_tensor, load_split
+
+
+class Reporter(Protocol):
+    def progress(self, step: int, total: int, metrics: dict[str, Any]) -> None: ...
+
+    def epoch(self, row: dict[str, Any]) -> None: ...
+
+    def finish(self, history: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RankJob:
+    config: TrainConfig
+    model_name: str
+    model_args: dict[str, Any]
+    columns: Columns
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    attempt: int = 0
+    resume_from: str | None = None
+
+
+@dataclass
+class RankResult:
+    rank: int
+    steps: int
+    epochs: int
+    resumed_from: str | None
+    checkpoint: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    worker: str = ""
+    attempt: int = 0
+
+
+def _setup(job: RankJob):
+    import torch
+    import torch.distributed as dist
+
+    cfg = job.config
+    torch.set_num_threads(cfg.threads_per_rank)
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if cfg.precision == "fp16-mixed" and not use_cuda:
+        raise ConfigError("precision fp16-mixed needs a CUDA device; on CPU use bf16-mixed or fp32")
+    if job.world_size > 1:
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{job.master_addr}:{job.master_port}",
+            rank=job.rank,
+            world_size=job.world_size,
+            timeout=timedelta(seconds=cfg.timeout_s),
+        )
+    return device
+
+
+def _teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _build(job: RankJob, device):
+    import torch
+
+    cfg = job.config
+    torch.manual_seed(cfg.seed)
+    model = build_model(job.model_name, job.model_args)
+    if cfg.init_from:
+        tensors, meta = ckpt.load(cfg.init_from, cfg.storage_options)
+        _check_same_model(meta, job, cfg.init_from)
+        model.load_state_dict(_prefixed(tensors, "model."))
+    lora_layers: list[str] = []
+    if cfg.lora_rank:
+        from tasks.training.lora import apply_lora
+
+        lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, optimizer, lora_layers
+
+
+def _check_same_model(meta: dict, job: RankJob, where: str) -> None:
+    spec = meta.get("model", {})
+    if spec.get("name") != job.model_name or spec.get("args") != job.model_args:
+        raise ConfigError(
+            f"checkpoint {where!r} holds model {spec.get('name')!r} with {spec.get('args')}, "
+            f"not {job.model_name!r} with {job.model_args}"
+        )
+
+
+def _prefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    """Optimizer state as flat tensors plus JSON (safetensors holds tensors only)."""
+    import torch
+
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: int, batch: int,
+                    history: list, lora_layers: list[str]) -> str:
+    cfg = job.config
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    tensors.update(opt_tensors)
+    meta = {
+        "model": {"name": job.model_name, "args": job.model_args},
+        "columns": {"feature": job.columns.feature, "label": job.columns.label,
+                    "shape": list(job.columns.shape) if job.columns.shape else None, "scale": job.columns.scale},
+        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets, "layers": lora_layers}
+        if cfg.lora_rank else None,
+        "epoch": epoch,
+        "batch": batch,
+        "loader": {"seed": cfg.seed, "epoch": epoch, "batch": batch, "world_size": job.world_size,
+                   "batch_size": cfg.batch_size},
+        "optimizer": opt_meta,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "metrics": history[-1] if history else {},
+        "history": history,
+        "dataset": cfg.dataset,
+        "precision": cfg.precision,
+    }
+    return ckpt.save(cfg.checkpoint_dir, step, tensors, meta, cfg.storage_options, keep_last=cfg.keep_last)
+
+
+def _evaluate(model, x: np.ndarray, y: np.ndarray, cols: Columns, job: RankJob, device, autocast) -> tuple[float, float]:
+    """Loss and accuracy over a split, each rank scoring a strided share, summed across ranks."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    model.eval()
+    loss_sum = correct = 0.0
+    rows = np.arange(job.rank, len(y), job.world_size)
+    with torch.no_grad():
+        for i in range(0, len(rows), 1024):
+            idx = rows[i:i + 1024]
+            xb = feature_tensor(x[idx], cols).to(device)
+            yb = torch.from_numpy(y[idx]).to(device)
+            with autocast():
+                logits = model(xb)
+            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+    totals = torch.tensor([loss_sum, correct], dtype=torch.float64)
+    if job.world_size > 1:
+        dist.all_reduce(totals)
+    model.train()
+    return totals[0].item() / len(y), totals[1].item() / len(y)
+
+
+def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
+    """Train one rank of a group (the whole job when ``world_size`` is 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = job.config
+    is_main = job.rank == 0
+    report = reporter if (reporter is not None and is_main) else None
+    device = _setup(job)
+    try:
+        x_train, y_train = load_split(cfg.dataset, "train", job.columns, cfg.storage_options)
+        try:
+            x_val, y_val = load_split(cfg.dataset, "val", job.columns, cfg.storage_options)
+        except Exception:  # noqa: BLE001 - a dataset without a val split scores on train
+            x_val = y_val = None
+        batches = RankBatches(x_train, y_train, cfg.batch_size, job.rank, job.world_size, cfg.seed)
+        model, optimizer, lora_layers = _build(job, device)
+        scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
+        step, start_epoch, start_batch, history, resumed_from = 0, 0, 0, [], None
+        latest = job.resume_from
+        if latest:
+            tensors, meta = ckpt.load(latest, cfg.storage_options)
+            _check_same_model(meta, job, latest)
+            model.load_state_dict(_prefixed(tensors, "model."))
+            _restore_optimizer(optimizer, tensors, meta["optimizer"])
+            if scaler is not None and meta.get("scaler"):
+                scaler.load_state_dict(meta["scaler"])
+            step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch"]
+            history, resumed_from = meta.get("history", []), latest
+        net = model
+        if job.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      bucket_cap_mb=cfg.bucket_cap_mb)
+            if cfg.grad_compression != "none":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                hook = default_hooks.bf16_compress_hook if cfg.grad_compression == "bf16" else default_hooks.fp16_compress_hook
+                net.register_comm_hook(None, hook)
+        amp_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(cfg.precision)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+        per_epoch = len(batches)
+        total_steps = per_epoch * cfg.epochs
+        checkpoint_url = latest
+        for epoch in range(start_epoch, cfg.epochs):
+            net.train()
+            t_epoch = time.perf_counter()
+            wait = loss_sum = 0.0
+            correct = seen = 0
+            first = start_batch if epoch == start_epoch else 0
+            it = batches.epoch(epoch, first)
+            for b in range(first, per_epoch):
+                t0 = time.perf_counter()
+                xb_np, yb_np = next(it)
+                xb = feature_tensor(xb_np, job.columns).to(device, non_blocking=True)
+                yb = torch.from_numpy(yb_np).to(device, non_blocking=True)
+                wait += time.perf_counter() - t0
+                with autocast():
+                    logits = net(xb)
+                    loss = F.cross_entropy(logits.float(), yb)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                loss_sum += loss.item() * len(yb)
+                correct += (logits.argmax(1) == yb).sum().item()
+                seen += len(yb)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
+                    checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history, lora_layers)
+                if report is not None:
+                    report.progress(step, total_steps, {"epoch": epoch + 1, "loss": loss.item()})
+            elapsed = time.perf_counter() - t_epoch
+            val_loss = val_acc = None
+            if y_val is not None and len(y_val):
+                val_loss, val_acc = _evaluate(model, x_val, y_val, job.columns, job, device, autocast)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_sum / max(1, seen), 5),
+                "train_acc": round(correct / max(1, seen), 5),
+                "val_loss": None if val_loss is None else round(val_loss, 5),
+                "val_acc": None if val_acc is None else round(val_acc, 5),
+                "samples_per_s": round(seen * job.world_size / max(elapsed, 1e-9), 1),
+                "data_stall_share": round(wait / max(elapsed, 1e-9), 4),
+                "epoch_s": round(elapsed, 3),
+            }
+            history.append(row)
+            if is_main:
+                checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch + 1, 0, history, lora_layers)
+                if report is not None:
+                    report.epoch(row)
+        if is_main and cfg.lora_rank:
+            from tasks.training.lora import adapter_state
+
+            ckpt.save(f"{cfg.checkpoint_dir}/adapters", step, adapter_state(model),
+                      {"model": {"name": job.model_name, "args": job.model_args},
+                       "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets,
+                                "layers": lora_layers}, "base": cfg.init_from},
+                      cfg.storage_options, keep_last=1)
+        if report is not None:
+            report.finish(history)
+        return RankResult(job.rank, step, len(history), resumed_from, checkpoint_url, history if is_main else [],
+                          worker=f"{socket.gethostname()}:{os.getpid()}", attempt=job.attempt)
+    finally:
+        _teardown()
+
