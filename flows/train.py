@@ -6,14 +6,13 @@ import time
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
 from pydantic import BaseModel
 
 from deployments.cluster import dask_runner
 from deployments.gang import free_port_on, has_resource, host_of, pick_workers, run_gang
 from deployments.progress import Progress
 from flows.base import swarm_flow
-from storage.errors import ConfigError
+from storage.errors import ConfigError, SwarmError
 from tasks import artifacts
 from tasks.training import (
     PROGRESS_TOPIC,
@@ -49,15 +48,15 @@ class TrainResult(BaseModel):
     history: list[dict[str, Any]]
 
 
-@flow(name="ddp-group")
-def ddp_group(config: TrainConfig, plan: TrainPlan) -> list[RankResult]:
-    """One attempt of the whole rank group; Prefect retries it as a unit."""
-    attempt = get_run_context().flow_run.run_count
+@flow(name="ddp-group", flow_run_name="ddp-group-attempt-{attempt}")
+def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[RankResult]:
+    """One attempt of the whole rank group, gang-scheduled; any failure fails all of it."""
     with dask_runner(config.dask_address) as runner:
         client = runner.client
         gpu = has_resource(client, "GPU")
         if config.precision == "fp16-mixed" and not gpu:
             raise ConfigError("precision fp16-mixed needs GPU workers (CUDA and a gradient scaler); use bf16-mixed or fp32")
+        # A retry waits for the cluster to replace lost workers; a first attempt fails fast.
         workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 else 90,
                                resource="GPU" if gpu else None)
         port = free_port_on(client, workers[0]) if config.world_size > 1 else 0
@@ -85,6 +84,22 @@ def ddp_group(config: TrainConfig, plan: TrainPlan) -> list[RankResult]:
             forward_progress()
 
 
+def _run_group_with_retries(config: TrainConfig, plan: TrainPlan) -> list[RankResult]:
+    """Retry the whole group (a new subflow run each time) unless the failure is the user's."""
+    for attempt in range(1, config.max_retries + 2):
+        state = ddp_group(config, plan, attempt, return_state=True)
+        if state.is_completed():
+            return state.result()
+        try:
+            state.result()
+        except SwarmError:
+            raise
+        except Exception:
+            if attempt > config.max_retries:
+                raise
+    raise AssertionError("unreachable")
+
+
 @swarm_flow(name="train-model", description="Train a model with DDP across Dask workers.")
 def train_model(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset``; resumes from the last checkpoint."""
@@ -92,9 +107,7 @@ def train_model(config: TrainConfig) -> TrainResult:
     plan = prepare_training_task(config)
     if not config.resume:
         clear_checkpoints(config)
-    group = ddp_group.with_options(retries=config.max_retries, retry_delay_seconds=1)
-    state = group(config, plan, return_state=True)
-    results = state.result()
+    results = _run_group_with_retries(config, plan)
     main = results[0]
     last = main.history[-1]
     result = TrainResult(

@@ -78,3 +78,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
         [sys.executable, "-c", "from flows.cli import entrypoint; entrypoint()", *args],
         capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
     )
+
+
+def stage_plain(n_groups: int = 2, **kwargs):
+    """Staging without Prefect or Dask: plan, write every group, commit."""
+    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+
+    plan = plan_stage(StageConfig(**kwargs))
+    results = [] if plan.up_to_date else [write_group(g) for g in group_tasks(plan, n_groups)]
+    return commit(plan, results, 1.0)
+
+
+@pytest.fixture(scope="session")
+def digits_dataset(session_dir) -> str:
+    """The built-in digits, staged once with a 20% validation split."""
+    dest = str(session_dir / "digits")
+    stage_plain(source="digits", dest=dest, val_fraction=0.2)
+    return dest

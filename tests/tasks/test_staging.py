@@ -12,17 +12,8 @@ from storage.dataset import Dataset
 from storage.errors import ConfigError, DestinationError, SourceError
 from tasks.datasets import open_builtin
 from tasks.staging import StageConfig, commit, group_tasks, plan_stage, split_mask, write_group
+from tests.conftest import stage_plain
 from tests.tables import rich_table
-
-
-def stage_plain(n_groups=3, **kwargs):
-    plan = plan_stage(StageConfig(**kwargs))
-    results = [] if plan.up_to_date else [write_group(g) for g in group_tasks(plan, n_groups)]
-    return commit(plan, results, 1.0)
-
-
-def _sorted(table: pa.Table, key="id") -> pa.Table:
-    return table.sort_by(key)
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])

@@ -1,0 +1,146 @@
+"""Training on a real Dask cluster reporting to a real Prefect API: DDP, faults, many nodes."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from storage import checkpoint as ckpt
+from tasks.training import TrainConfig
+from tests.conftest import ROOT, run_cli
+from tests.services import free_port
+
+
+def test_ddp_two_ranks_equal_one_rank_with_double_batch(dask_cluster, digits_dataset, tmp_path):
+    from flows.train import train_model
+
+    common = dict(dataset=digits_dataset, epochs=2, lr=1e-2, seed=5)
+    two = train_model(TrainConfig(world_size=2, batch_size=16, checkpoint_dir=str(tmp_path / "two"), **common))
+    one = train_model(TrainConfig(world_size=1, batch_size=32, checkpoint_dir=str(tmp_path / "one"), **common))
+    assert two.steps == one.steps > 50
+    a, _ = ckpt.load(two.checkpoint)
+    b, _ = ckpt.load(one.checkpoint)
+    for key in a:
+        if key.startswith("model."):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def artifacts_of(flow_run_id):
+    """Artifacts of a flow run and of its subflow runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        ids = [flow_run_id]
+        frontier = [flow_run_id]
+        while frontier:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [c.id for c in children]
+            ids += frontier
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+
+
+def test_default_config_on_digits_and_artifacts(dask_cluster, digits_dataset, tmp_path):
+    from flows.train import train_model
+
+    state = train_model(TrainConfig(dataset=digits_dataset, checkpoint_dir=str(tmp_path / "ck")), return_state=True)
+    result = state.result()
+    assert result.val_acc >= 0.95
+    assert result.seconds < 60, "the default digits config trains in under a minute"
+    arts = artifacts_of(state.state_details.flow_run_id)
+    keys = {a.key for a in arts if a.key}
+    assert {"train-model", "train-epochs", "train-curves"} <= keys
+    assert "progress" in {a.type for a in arts}
+    curves = next(a for a in arts if a.key == "train-curves")
+    assert "data:image/png;base64," in curves.data
+    epochs = next(a for a in arts if a.key == "train-epochs")
+    assert "samples_per_s" in epochs.data and "data_stall_share" in epochs.data
+
+
+def test_world_size_larger_than_cluster_is_refused(dask_cluster, digits_dataset, tmp_path):
+    proc = run_cli("train", digits_dataset, "--world-size", "3", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert proc.returncode == 2
+    assert "world size 3 is larger than the cluster: it has 2 worker(s)" in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "ck").glob("ckpt-*")) if (tmp_path / "ck").exists() else True
+
+
+def test_killed_rank_worker_resumes_from_checkpoint(dask_cluster, digits_dataset, tmp_path):
+    """SIGKILL one rank's Dask worker mid-training: the group is retried, resumes, completes."""
+    from distributed import Client
+
+    from flows.train import train_model
+
+    common = dict(dataset=digits_dataset, epochs=40, world_size=2, batch_size=16, checkpoint_every=10, seed=1)
+    holder = {}
+    thread = threading.Thread(target=lambda: holder.setdefault(
+        "result", train_model(TrainConfig(checkpoint_dir=str(tmp_path / "faulty"), **common))))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(ckpt.steps(_localfs(), str(tmp_path / "faulty"))) < 2:
+        time.sleep(0.05)
+    with Client(dask_cluster.scheduler_address) as client:
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[-1]
+        os.kill(pids[victim], signal.SIGKILL)
+        thread.join(timeout=300)
+        client.wait_for_workers(2, timeout=60)
+    result = holder["result"]
+    assert result.attempts >= 2 and result.resumed_from is not None
+    assert result.epochs == 40
+
+    clean = train_model(TrainConfig(checkpoint_dir=str(tmp_path / "clean"), **common))
+    assert clean.attempts == 1
+    assert result.val_acc >= 0.95
+    assert abs(result.val_acc - clean.val_acc) <= 0.01
+
+
+def _localfs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def test_train_through_remote_scheduler_two_nodes(prefect_api, digits_dataset, tmp_path):
+    """A separate `dask scheduler` and two `dask worker` processes, each with its own cache folder."""
+    exe = os.path.join(os.path.dirname(sys.executable), "dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ)
+    procs = [subprocess.Popen([exe, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)]
+    try:
+        for node in ("node-a", "node-b"):
+            node_env = dict(env, SWARM_CACHE_DIR=str(tmp_path / node / "cache"))
+            procs.append(subprocess.Popen([exe, "worker", address, "--nthreads", "1", "--name", node],
+                                          env=node_env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=90)
+        proc = run_cli("train", digits_dataset, "--dask-address", address, "--world-size", "2", "--epochs", "5",
+                       "--checkpoint-dir", str(tmp_path / "ck"), env={"SWARM_DASK_ADDRESS": ""})
+        assert proc.returncode == 0, proc.stderr
+        assert "ranks" in proc.stdout and "validation accuracy" in proc.stdout
+        assert ckpt.latest(str(tmp_path / "ck")) is not None
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait(timeout=30)
