@@ -46,7 +46,7 @@ def local_worker_count() -> int:
 
 def _start_local_cluster():
     gpus = gpu_count()
-    common = dict(dashboard_address=None, silence_logs=logging.WARNING)
+    common = dict(dashboard_address=":0", silence_logs=logging.WARNING)
     if gpus:
         try:
             from dask_cuda import LocalCUDACluster

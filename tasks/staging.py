@@ -31,7 +31,7 @@ from storage.errors import ConfigError, DestinationError, SourceError, SwarmErro
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
 from storage.sources import SourceUnit
-from storage.urls import protocol_of, url_to_fs
+from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
 from tasks import datasets
 
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
@@ -40,25 +40,22 @@ SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credenti
 def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
     """Refuse credentials in parameters the Prefect UI would show; point to the right place."""
     for key in options:
+        if key == CREDENTIALS_OPTION:
+            continue  # names a block; the secret itself stays in the block
         if any(word in key.lower() for word in SECRET_WORDS) or key.lower() in ("key", "secret"):
             raise ConfigError(
                 f"storage option {key!r} looks like a credential; parameters are shown in the Prefect UI, "
                 "so pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
-                "or a Prefect block named by `credentials_block`"
+                f"or a Prefect Secret block named by the storage option {CREDENTIALS_OPTION!r}"
             )
     return options
 
 
-class StageConfig(BaseModel):
-    """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
+class StageOptions(BaseModel):
+    """How to stage: format, compression, shard size and split (shared with the lifecycle flow)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(
-        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy files; "
-        "s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens"
-    )
-    dest: str = Field(description="Destination dataset root, any fsspec URL")
     format: Literal["auto", "parquet", "csv", "jsonl", "npy"] = Field("auto", description="Source file format")
     codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Shard compression codec")
     level: int | None = Field(None, description="Codec level (zstd 1..22, lz4 1..12); empty for the default")
@@ -66,10 +63,6 @@ class StageConfig(BaseModel):
     shard_format: Literal["arrow", "parquet"] = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
     seed: int = Field(0, ge=0, description="Seed of the train/val split")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
-    )
-    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -86,15 +79,36 @@ class StageConfig(BaseModel):
             raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value})")
         return value
 
+    @model_validator(mode="after")
+    def _level_fits_codec(self) -> "StageOptions":
+        _, self.level = codecs.resolve(self.codec, self.level)
+        return self
+
+
+class StorageAccess(BaseModel):
+    """Where the work runs and how storage is reached (never credentials: the UI shows these)."""
+
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
+    )
+    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
+
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
         return check_storage_options(value)
 
-    @model_validator(mode="after")
-    def _level_fits_codec(self) -> "StageConfig":
-        _, self.level = codecs.resolve(self.codec, self.level)
-        return self
+
+class StageTarget(BaseModel):
+    source: str = Field(
+        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy files; "
+        "s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens"
+    )
+    dest: str = Field(description="Destination dataset root, any fsspec URL")
+
+
+class StageConfig(StorageAccess, StageOptions, StageTarget):
+    """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
 
 
 @dataclass

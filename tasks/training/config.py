@@ -5,19 +5,18 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.staging import check_storage_options
+from tasks.staging import StorageAccess
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 
 
-class TrainConfig(BaseModel):
-    """What to train, on what, and how."""
+class TrainOptions(BaseModel):
+    """How to train: model, hyperparameters, precision, parallelism (shared with the lifecycle flow)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    dataset: str = Field(description="Staged dataset root (fsspec URL)")
     model: str = Field("auto", description="mlp | cnn | transformer | MODULE:FACTORY | auto (by dataset kind)")
     model_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory")
     feature_column: str | None = Field(None, description="Input column (default: from the dataset's metadata)")
@@ -28,11 +27,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     precision: Precision = Field("fp32", description="fp32 | bf16-mixed | fp16-mixed (fp16 needs CUDA)")
     world_size: int = Field(1, ge=1, le=4096, description="Ranks, each on its own Dask worker")
-    checkpoint_dir: str | None = Field(None, description="Checkpoint root (default: <dataset>/../checkpoints/<name>)")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0: at epoch ends only)")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept")
-    resume: bool = Field(True, description="Resume from the latest checkpoint in checkpoint_dir")
-    init_from: str | None = Field(None, description="Start from this checkpoint's weights (e.g. for LoRA)")
     seed: int = Field(0, ge=0)
     lora_rank: int | None = Field(None, ge=1, le=1024, description="Train LoRA adapters of this rank")
     lora_targets: str | None = Field(None, description="Regex of module names that get adapters")
@@ -42,18 +38,27 @@ class TrainConfig(BaseModel):
     threads_per_rank: int = Field(1, ge=1, le=256)
     max_retries: int = Field(2, ge=0, le=20, description="Whole-group retries after a rank fails")
     timeout_s: float = Field(120.0, gt=0, description="Process-group init and collective timeout")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_storage_options(value)
+    @model_validator(mode="after")
+    def _lora_pair(self) -> "TrainOptions":
+        if (self.lora_rank is None) != (self.lora_targets is None):
+            raise ValueError("LoRA needs both lora_rank and lora_targets (a regex of module names)")
+        return self
+
+
+class TrainTarget(BaseModel):
+    dataset: str = Field(description="Staged dataset root (fsspec URL)")
+
+
+class TrainConfig(StorageAccess, TrainOptions, TrainTarget):
+    """What to train, on what, and how: the Prefect UI form of ``train_model`` and ``swarm train``."""
+
+    checkpoint_dir: str | None = Field(None, description="Checkpoint root (default: <dataset>/../checkpoints/<name>)")
+    resume: bool = Field(True, description="Resume from the latest checkpoint in checkpoint_dir")
+    init_from: str | None = Field(None, description="Start from this checkpoint's weights (e.g. for LoRA)")
 
     @model_validator(mode="after")
     def _coherent(self) -> "TrainConfig":
-        if (self.lora_rank is None) != (self.lora_targets is None):
-            raise ValueError("LoRA needs both lora_rank and lora_targets (a regex of module names)")
         if self.lora_rank is not None and not self.init_from:
             raise ValueError("LoRA fine-tuning starts from a trained checkpoint: give init_from")
         if self.checkpoint_dir is None:
