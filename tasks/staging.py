@@ -261,12 +261,36 @@ def plan_stage(config: StageConfig) -> StagePlan:
         offsets.append(acc)
         acc += u.rows
     assert acc == rows, (acc, rows)
-    options = config.model_dump(include={"format", "codec", "level", "shard_size", "shard_format", "val_fraction", "seed"})
+    options = config.model_dump(include=set(StageOptions.model_fields))
     source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "rows_per_shard": rows_per_shard}
     previous = manifest_mod.read_if_exists(fs, root)
     plan = StagePlan(config, schema, units, offsets, rows, bytes_in, rows_per_shard, metadata, source, previous)
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
     return plan
+
+
+def stage_identity(config: StageConfig) -> tuple[str, bool]:
+    """A content key of this staging (source content, options, destination) and whether the
+    destination already holds exactly its result. Lists the source; reads no data."""
+    import hashlib
+    import json
+
+    if datasets.is_builtin(config.source):
+        fp = "builtin:" + config.source
+    else:
+        fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
+    options = config.model_dump(include=set(StageOptions.model_fields))
+    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
+    key = hashlib.sha256(body.encode()).hexdigest()
+    fs, root = url_to_fs(config.dest, config.storage_options)
+    previous = manifest_mod.read_if_exists(fs, root.rstrip("/"))
+    current = (
+        previous is not None
+        and previous.source.get("fingerprint") == fp
+        and previous.source.get("options") == options
+        and _all_present(fs, root.rstrip("/"), previous)
+    )
+    return key, current
 
 
 def _looks_like_path(text: str) -> bool:

@@ -12,7 +12,7 @@ from storage import checkpoint as ckpt
 from storage.dataset import Dataset
 from storage.errors import ConfigError
 from tasks.models import build_model, default_model, infer_args
-from tasks.training.config import TrainConfig
+from tasks.training.config import TrainConfig, TrainOptions
 from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
 from tasks.training.rank import RankJob, RankResult, train_rank
 
@@ -133,6 +133,31 @@ def clear_checkpoints(cfg: TrainConfig) -> None:
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
     return ckpt.latest(cfg.checkpoint_dir, cfg.storage_options)
+
+
+#: Options that change how a run executes, not what it produces.
+RUNTIME_ONLY = {"max_retries", "timeout_s", "threads_per_rank", "keep_last", "checkpoint_every"}
+
+
+def train_identity(cfg: TrainConfig) -> str:
+    """A content key of a training run: dataset content, options, starting weights."""
+    import hashlib
+    import json
+
+    dataset_hash = Dataset.open(cfg.dataset, cfg.storage_options).manifest.content_hash()
+    init_hash = ckpt.load(cfg.init_from, cfg.storage_options)[1]["tensors_hash"] if cfg.init_from else None
+    options = cfg.model_dump(include=set(TrainOptions.model_fields) - RUNTIME_ONLY)
+    body = json.dumps({"dataset": dataset_hash, "init": init_hash, "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def training_finished(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.checkpoint_dir`` holds the end-of-training checkpoint of ``cfg``."""
+    latest = ckpt.latest(cfg.checkpoint_dir, cfg.storage_options)
+    if latest is None:
+        return False
+    _, meta = ckpt.load(latest, cfg.storage_options, verify=False)
+    return meta.get("epoch") == cfg.epochs and meta.get("batch") == 0
 
 
 @task(name="prepare-training", cache_policy=NO_CACHE)

@@ -1,0 +1,110 @@
+"""The whole lifecycle as one flow: stage -> train -> optimize -> infer, each a subflow.
+
+Each stage runs inside a cached task whose key is a content hash of its inputs (source
+listing, manifest, checkpoint tensors) and options, never of Python objects, and whose
+outputs go to a folder named by that key. So a second identical call finds every stage
+``Cached``; a changed training parameter re-runs training and what follows, nothing
+before; and a failed run, re-run, skips the stages that finished and resumes the one
+that failed (training from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from prefect import task
+from pydantic import BaseModel, Field
+
+from flows.base import swarm_flow
+from flows.stage import stage_dataset
+from flows.train import TrainResult, train_model
+from tasks import artifacts
+from tasks.staging import StageConfig, StageOptions, StageResult, stage_identity
+from tasks.training import TrainConfig, TrainOptions, train_identity, training_finished
+
+CACHED = dict(cache_key_fn=lambda context, parameters: parameters["key"], persist_result=True,
+              result_serializer="json")
+
+
+class DataParams(StageOptions):
+    """What data to stage, and how."""
+
+    source: str = Field("digits", description="Built-in dataset (digits, synthetic-image, …) or an fsspec URL")
+    name: str | None = Field(None, description="Dataset name in the output folder (default: from the source)")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
+
+
+class LifecycleResult(BaseModel):
+    """Where everything went, and how well it did."""
+
+    output: str
+    dataset: str
+    checkpoint: str
+    staged: StageResult
+    trained: TrainResult
+    stages_run: list[str]
+    stages_cached: list[str]
+    seconds: float
+
+
+@task(name="stage", **CACHED)
+def stage_step(config: StageConfig, key: str) -> StageResult:
+    """Stage the data (cached by source content and options)."""
+    return stage_dataset(config)
+
+
+@task(name="train", **CACHED)
+def train_step(config: TrainConfig, key: str) -> TrainResult:
+    """Train (cached by dataset content, options and starting weights)."""
+    return train_model(config)
+
+
+def dataset_name(params: DataParams) -> str:
+    if params.name:
+        return params.name
+    base = params.source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return base.split(".", 1)[0].replace("*", "all") or "dataset"
+
+
+def _run(step, config, key: str, current: bool, ran: list[str], cached: list[str], label: str):
+    state = step.with_options(refresh_cache=not current)(config, key, return_state=True)
+    (cached if state.name == "Cached" else ran).append(label)
+    return state.result()
+
+
+@swarm_flow(name="lifecycle", description="Stage, train, optimize and serve predictions, end to end.")
+def lifecycle(
+    data: DataParams = DataParams(),
+    training: TrainOptions = TrainOptions(),
+    output: Annotated[str, Field(description="Root folder or URL for datasets, checkpoints, models, predictions")]
+    = "swarm-data",
+    storage_options: Annotated[dict[str, Any] | None, Field(description="fsspec options; never credentials")] = None,
+    dask_address: Annotated[str | None, Field(description="Existing Dask scheduler (default: a local cluster)")] = None,
+) -> LifecycleResult:
+    """The AI lifecycle on the built-in digits by default; every stage cached by content."""
+    started = time.perf_counter()
+    ran: list[str] = []
+    cached: list[str] = []
+    name = dataset_name(data)
+    root = output.rstrip("/")
+    access = {"storage_options": storage_options or {}, "dask_address": dask_address}
+
+    stage_cfg = StageConfig(dest=f"{root}/datasets/{name}", **data.model_dump(exclude={"name"}), **access)
+    key, current = stage_identity(stage_cfg)
+    staged = _run(stage_step, stage_cfg, key, current, ran, cached, "stage")
+
+    probe = TrainConfig(dataset=staged.dest, checkpoint_dir="-", **training.model_dump(), **access)
+    key = train_identity(probe)
+    train_cfg = probe.model_copy(update={"checkpoint_dir": f"{root}/checkpoints/{name}-{key[:12]}"})
+    trained = _run(train_step, train_cfg, key, training_finished(train_cfg), ran, cached, "train")
+
+    result = LifecycleResult(
+        output=root, dataset=staged.dest, checkpoint=trained.checkpoint, staged=staged, trained=trained,
+        stages_run=ran, stages_cached=cached, seconds=round(time.perf_counter() - started, 2),
+    )
+    artifacts.table("lifecycle", [{
+        "dataset": staged.dest, "rows": staged.rows, "val_acc": trained.val_acc, "checkpoint": trained.checkpoint,
+        "ran": ", ".join(ran) or "-", "cached": ", ".join(cached) or "-", "seconds": result.seconds,
+    }], description="The lifecycle run")
+    return result
