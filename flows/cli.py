@@ -249,6 +249,52 @@ def print_train_summary(result) -> None:
 
 
 @app.command()
+def lifecycle(
+    source: str = typer.Option("digits", "--source", help="Built-in dataset or fsspec URL to stage"),
+    output: str = typer.Option("swarm-data", "--output", help="Root folder or URL for every output"),
+    epochs: int = typer.Option(15, "--epochs"),
+    model: str = typer.Option("auto", "--model", help="mlp|cnn|transformer|MODULE:FACTORY"),
+    world_size: int = typer.Option(1, "--world-size", help="DDP ranks"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
+    dask_address: Optional[str] = DaskAddress,
+) -> None:
+    """The whole lifecycle (stage, train, optimize, infer); with no arguments, on the built-in digits."""
+    from flows.lifecycle import DataParams
+    from tasks.training import TrainOptions
+
+    data = DataParams(source=source)
+    training = TrainOptions(epochs=epochs, model=model, world_size=world_size)
+    options = parse_storage_options(storage_option)
+    _prepare_runtime()
+    from flows.lifecycle import lifecycle as lifecycle_flow
+
+    with progress_bar():
+        result = lifecycle_flow(data=data, training=training, output=output, storage_options=options,
+                                dask_address=dask_address)
+    print_lifecycle_summary(result)
+
+
+def print_lifecycle_summary(result) -> None:
+    from deployments.runtime import ui_url
+
+    trained = result.trained
+    acc = "-" if trained.val_acc is None else f"{100 * trained.val_acc:.2f}%"
+    print_kv(
+        "lifecycle",
+        [
+            ("dataset", f"{result.dataset}  ({result.staged.rows:,} rows, {result.staged.shards} shards)"),
+            ("model", f"{trained.model} ({trained.parameters:,} parameters), validation accuracy {acc}"),
+            ("training", f"{trained.samples_per_s:,.0f} samples/s, {trained.epochs} epochs"),
+            ("checkpoint", result.checkpoint),
+            ("stages run", ", ".join(result.stages_run) or "none"),
+            ("stages cached", ", ".join(result.stages_cached) or "none"),
+            ("time", f"{result.seconds:.1f} s"),
+            ("Prefect UI", ui_url() or "-"),
+        ],
+    )
+
+
+@app.command()
 def server(
     port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),
