@@ -171,7 +171,12 @@ class Services:
         _use_api(self.server.url)  # before the workers start, so they inherit it
         from distributed import LocalCluster
 
-        self.cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+        try:
+            self.cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
+                                        dashboard_address=None)
+        except BaseException:
+            self.server.stop()
+            raise
         self.address = self.cluster.scheduler_address
 
     def close(self) -> None:
