@@ -26,9 +26,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The peer of the staging benchmark, without its dependencies (see the `bench` extra).
+MDS    ?= mosaicml-streaming==0.13.0
+BENCH_ARGS ?=
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt -e '.[bench]'
-	$(BIN)/python benchmarks/stage_bench.py
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt --no-deps "$(MDS)"
+	$(BIN)/python benchmarks/stage_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .swarm swarm-data

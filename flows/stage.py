@@ -28,7 +28,7 @@ def stage_dataset(config: StageConfig) -> StageResult:
     results = []
     if not plan.up_to_date:
         with dask_runner(config.dask_address) as runner:
-            groups = group_tasks(plan, n_groups=2 * worker_count(runner))
+            groups = group_tasks(plan, n_groups=worker_count(runner))
             progress = Progress(f"staging {plan.rows:,} rows into {plan.shard_count} shard(s)", total=plan.rows)
             futures = [runner.submit(write_group_task, {"group": g}) for g in groups]
             for future in as_completed(futures):

@@ -25,7 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from storage.errors import ConfigError, SourceError
-from storage.urls import url_to_fs
+from storage.urls import is_local, url_to_fs
 
 SOURCE_FORMATS = ("auto", "parquet", "csv", "jsonl", "npy")
 EXTENSIONS = {
@@ -156,12 +156,48 @@ def _inspect_parquet(fs, path: str, file: SourceFile) -> InspectedFile:
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
         schema = pq.ParquetFile(f).schema_arrow
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
     units = [
-        SourceUnit(file.url, "parquet", i, i + 1, meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
-        for i in range(meta.num_row_groups)
-        if meta.row_group(i).num_rows > 0
+        SourceUnit(file.url, "parquet", i, i + 1, g.num_rows, _decoded_bytes(g, schema))
+        for i, g in enumerate(groups)
+        if g.num_rows > 0
     ]
     return InspectedFile(file, schema, meta.num_rows, units)
+
+
+def _decoded_bytes(row_group, schema: pa.Schema) -> int:
+    """A row group's size once decoded into Arrow: exact for fixed-width columns.
+
+    Parquet's own sizes are of *encoded* pages; dictionary and RLE encodings shrink
+    fixed-width data (token ids, pixels) several-fold, which would make shards several
+    times larger than their target. Other columns count their encoded size.
+    """
+    encoded: dict[str, int] = {}
+    for i in range(row_group.num_columns):
+        column = row_group.column(i)
+        top = column.path_in_schema.split(".", 1)[0]
+        encoded[top] = encoded.get(top, 0) + column.total_uncompressed_size
+    total = 0
+    for fld in schema:
+        width = _fixed_width(fld.type)
+        total += row_group.num_rows * width if width else encoded.get(fld.name, 0)
+    return total or row_group.total_byte_size
+
+
+def _fixed_width(data_type: pa.DataType) -> int | None:
+    """Bytes per row of a fixed-width Arrow type, else None."""
+    if pa.types.is_fixed_size_list(data_type):
+        inner = _fixed_width(data_type.value_type)
+        return inner * data_type.list_size if inner else None
+    if pa.types.is_struct(data_type):
+        widths = [_fixed_width(data_type.field(i).type) for i in range(data_type.num_fields)]
+        return sum(widths) if all(widths) else None
+    if pa.types.is_dictionary(data_type):
+        return None
+    try:
+        return max(1, data_type.bit_width // 8)
+    except ValueError:
+        return None
 
 
 def _npy_header(f) -> tuple[tuple, bool, np.dtype, int]:
@@ -305,7 +341,7 @@ def read_unit(unit: SourceUnit, schema: pa.Schema, storage_options: dict | None 
     fs, path = url_to_fs(unit.url, storage_options)
     try:
         if unit.format == "parquet":
-            with fs.open(path, "rb") as f:
+            with _open_for_arrow(fs, path) as f:
                 table = pq.ParquetFile(f).read_row_groups(list(range(unit.start, unit.stop)))
         elif unit.format == "npy":
             table = _read_npz(fs, path, unit.url) if path.lower().endswith(".npz") else _read_npy_rows(fs, path, unit)
@@ -321,6 +357,18 @@ def read_unit(unit: SourceUnit, schema: pa.Schema, storage_options: dict | None 
     if table.schema != schema:
         table = table.cast(schema)
     return table
+
+
+def _open_for_arrow(fs, path: str):
+    """A file Arrow reads without Python in the loop: native for local files, fsspec's otherwise.
+
+    Through a Python file object every read is a new ``bytes`` (in a Dask worker, a fresh
+    page-faulted mapping each time) that Arrow then copies; natively it reads into its own
+    pool. Worth about a tenth of a worker's CPU when staging Parquet images.
+    """
+    if is_local(fs):
+        return pa.OSFile(path)
+    return fs.open(path, "rb")
 
 
 def _read_npy_rows(fs, path: str, unit: SourceUnit) -> pa.Table:

@@ -5,14 +5,14 @@ layout. Write (Dask workers, one coarse task per group of shards): read the rows
 encode, hash and store shards. Commit (driver): write the manifest last, atomically,
 then remove shard files neither the new nor the previous manifest names.
 
-The shard layout is a pure function of the data and the options (rows per shard from the
-target size, a row's split from a hash of its global index), never of the cluster size,
-so a re-run reproduces the same shard names and skips the ones already stored.
+The shard layout is a pure function of the data and the options (shards follow the
+source's readable units, see :mod:`storage.layout`; a row's split is a hash of its global
+index), never of the cluster size, so a re-run reproduces the same shard names and skips
+the ones already stored. Tasks are cut at unit boundaries, so each unit is read once.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -26,7 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
-from storage import codecs, manifest as manifest_mod, sources
+from storage import codecs, layout, manifest as manifest_mod, sources
 from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
@@ -119,7 +119,7 @@ class StagePlan:
     unit_offsets: list[int]
     rows: int
     bytes_in: int
-    rows_per_shard: int
+    bounds: list[int]  # first row of every shard, then the row count
     metadata: dict[str, Any]
     source: dict[str, Any]
     previous: Manifest | None
@@ -127,7 +127,7 @@ class StagePlan:
 
     @property
     def shard_count(self) -> int:
-        return math.ceil(self.rows / self.rows_per_shard)
+        return len(self.bounds) - 1
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,7 @@ class GroupTask:
     index: int
     dest: str
     first_shard: int
-    end_shard: int
-    rows_per_shard: int
-    total_rows: int
+    bounds: tuple[int, ...]  # first row of each of its shards, then the row after the last
     units: list[tuple[int, SourceUnit]]
     schema: pa.Schema
     spec: ShardSpec
@@ -254,17 +252,16 @@ def plan_stage(config: StageConfig) -> StagePlan:
         raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
     if not schema.names:
         raise SourceError(f"source {config.source!r} has no columns")
-    raw_total = sum(u.raw_bytes for u in units) or rows
-    rows_per_shard = max(1, int(config.shard_size) * rows // raw_total)
+    bounds = layout.shard_bounds(units, int(config.shard_size))
     offsets, acc = [], 0
     for u in units:
         offsets.append(acc)
         acc += u.rows
     assert acc == rows, (acc, rows)
     options = config.model_dump(include=set(StageOptions.model_fields))
-    source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "rows_per_shard": rows_per_shard}
+    source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "shards": len(bounds) - 1}
     previous = manifest_mod.read_if_exists(fs, root)
-    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, rows_per_shard, metadata, source, previous)
+    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous)
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
     return plan
 
@@ -314,21 +311,19 @@ def _all_present(fs, root: str, manifest: Manifest) -> bool:
 
 
 def group_tasks(plan: StagePlan, n_groups: int) -> list[GroupTask]:
-    """Cut the shard range into at most ``n_groups`` contiguous, coarse tasks."""
+    """Cut the shards into at most ``n_groups`` contiguous, coarse tasks of similar rows,
+    at source unit boundaries where possible so that no unit is read by two tasks."""
     cfg = plan.config
-    shards = plan.shard_count
-    n_groups = max(1, min(n_groups, shards))
-    per_group = math.ceil(shards / n_groups)
+    cuts = layout.group_cuts(plan.bounds, set(plan.unit_offsets), n_groups) + [plan.shard_count]
     spec = ShardSpec(cfg.shard_format, cfg.codec, cfg.level)
     tasks = []
-    for g, first in enumerate(range(0, shards, per_group)):
-        end = min(shards, first + per_group)
-        lo, hi = first * plan.rows_per_shard, min(plan.rows, end * plan.rows_per_shard)
+    for g, (first, end) in enumerate(zip(cuts[:-1], cuts[1:])):
+        lo, hi = plan.bounds[first], plan.bounds[end]
         units = [
             (off, u) for off, u in zip(plan.unit_offsets, plan.units) if off < hi and off + u.rows > lo
         ]
         tasks.append(
-            GroupTask(g, cfg.dest, first, end, plan.rows_per_shard, plan.rows, units, plan.schema, spec,
+            GroupTask(g, cfg.dest, first, tuple(plan.bounds[first:end + 1]), units, plan.schema, spec,
                       cfg.val_fraction, cfg.seed, cfg.storage_options)
         )
     return tasks
@@ -360,18 +355,17 @@ def write_group(task: GroupTask) -> GroupResult:
     start_time = time.perf_counter()
     fs, root = url_to_fs(task.dest, task.storage_options)
     root = root.rstrip("/")
-    lo = task.first_shard * task.rows_per_shard
-    hi = min(task.total_rows, task.end_shard * task.rows_per_shard)
+    bounds = task.bounds
+    lo, hi = bounds[0], bounds[-1]
     entries: list[ShardEntry] = []
     written = skipped = 0
     pending: list[pa.Table] = []
     pending_start = lo
     pending_rows = 0
-    shard = task.first_shard
+    k = 0  # the group's next shard to write
 
-    def flush(table: pa.Table, index: int) -> None:
+    def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
-        first_row = index * task.rows_per_shard
         mask = split_mask(np.arange(first_row, first_row + table.num_rows), task.seed, task.val_fraction)
         parts = [("train", table)] if not mask.any() else [
             ("train", table.filter(pa.array(~mask))),
@@ -394,15 +388,14 @@ def write_group(task: GroupTask) -> GroupResult:
         a, b = max(lo, offset) - offset, min(hi, offset + unit.rows) - offset
         pending.append(table.slice(a, b - a))
         pending_rows += b - a
-        while shard < task.end_shard and pending_start + pending_rows >= min(hi, (shard + 1) * task.rows_per_shard):
-            shard_end = min(hi, (shard + 1) * task.rows_per_shard)
+        while k < len(bounds) - 1 and pending_start + pending_rows >= bounds[k + 1]:
             combined = pa.concat_tables(pending)
-            take = shard_end - pending_start
-            flush(combined.slice(0, take), shard)
+            take = bounds[k + 1] - pending_start
+            flush(combined.slice(0, take), task.first_shard + k, pending_start)
             rest = combined.slice(take)
-            pending, pending_rows, pending_start = [rest], rest.num_rows, shard_end
-            shard += 1
-    assert shard == task.end_shard, (shard, task.end_shard)
+            pending, pending_rows, pending_start = [rest], rest.num_rows, bounds[k + 1]
+            k += 1
+    assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
                        worker=f"{socket.gethostname()}:{os.getpid()}")
 
