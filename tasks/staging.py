@@ -18,13 +18,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from storage import codecs, manifest as manifest_mod, sources
 from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
@@ -49,6 +49,10 @@ def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+# A flow parameter of fsspec options, checked for credentials wherever it is declared.
+StorageOptions = Annotated[dict[str, Any], AfterValidator(check_storage_options)]
+
+
 class StageConfig(BaseModel):
     """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
 
@@ -66,7 +70,7 @@ class StageConfig(BaseModel):
     shard_format: Literal["arrow", "parquet"] = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
     seed: int = Field(0, ge=0, description="Seed of the train/val split")
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
     )
     dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
@@ -85,11 +89,6 @@ class StageConfig(BaseModel):
         if value <= 0:
             raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value})")
         return value
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_storage_options(value)
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> "StageConfig":

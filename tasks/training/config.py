@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.staging import check_storage_options
+from tasks.staging import StorageOptions
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 
@@ -42,13 +42,8 @@ class TrainConfig(BaseModel):
     threads_per_rank: int = Field(1, ge=1, le=256)
     max_retries: int = Field(2, ge=0, le=20, description="Whole-group retries after a rank fails")
     timeout_s: float = Field(120.0, gt=0, description="Process-group init and collective timeout")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict)
     dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_storage_options(value)
 
     @model_validator(mode="after")
     def _coherent(self) -> "TrainConfig":
