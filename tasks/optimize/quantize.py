@@ -9,7 +9,7 @@ stored format does not depend on the kernel.
 Kernels, chosen by measurement on this x86 CPU (figures in BENCHMARKS.md):
 
 - ``int8-dynamic``: torch's fbgemm/x86 ``quantized::linear_dynamic`` (activations are
-  quantized per batch inside the kernel): 3.7-4.6x fp32 at batch 64 on wide MLPs.
+  quantized per batch inside the kernel): 3.2-4.6x fp32 at batch 64 on wide MLPs.
   torchao's ``Int8DynamicActivationInt8WeightConfig`` is the maintained front end, but
   its wheel ships no CPU kernels: eager it runs ``torch._int_mm`` at 1.1-1.8x (0.1x on
   small layers) and needs ``torch.compile`` (5-25 s per shape) to reach 1.9-4.6x. The
@@ -91,9 +91,9 @@ class Int8Linear(nn.Module):
                 qweight = torch._make_per_channel_quantized_tensor(
                     self.weight_int8, self.weight_scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             return torch.ops.quantized.linear_prepack(qweight, self.bias)
-        if self.in_features % _PACK_K == 0:
+        if self.in_features % _PACK_K == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return self.weight_scale.to(torch.bfloat16)
-        return None
+        return None  # dequantize per call
 
     def prepare(self) -> None:
         """Pack the kernel's weights now rather than on the first call (a loader's warm-up)."""
