@@ -11,7 +11,7 @@ worker runs them) and runs the real optimization path (`prepare_optimization` an
 Throughput is at batch 64 and latency at batch 1, one thread, best-of-5 blocks; the int8
 speedup is then re-measured on the *loaded* artifact (what inference runs), alternating
 fp32 and int8 for a few rounds and taking the median ratio. torchao's own CPU int8
-configs are measured on the wide MLP for comparison.
+configs are measured on the wide MLP for comparison (when torchao is installed).
 
     .venv/bin/python benchmarks/optimize_bench.py [--hidden 1024] [--rounds 3] [--skip-transformer]
 
@@ -120,7 +120,11 @@ def torchao_figures(checkpoint: str, dataset: str, rounds: int) -> dict:
     from tasks.optimize.report import accuracy
 
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only libraries fail to load on CPU
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("  torchao is not installed: its comparison is skipped (pip install torchao)", flush=True)
+        return {}
 
     x, y, cols, one, batch = eval_batches(dataset, checkpoint)
     base = load_model(checkpoint).model
