@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -140,10 +141,10 @@ def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
     torch.set_num_threads(cfg.threads)
     loaded = load_model(plan.checkpoint, cfg.storage_options)
     x, y = load_split(cfg.eval_dataset, plan.eval_split, plan.columns, cfg.storage_options)
-    before = measure(loaded.model, model_tensors(loaded.model), x, y, plan.columns)
+    original = copy.deepcopy(loaded.model)  # the steps change the model in place
     model, args, records = apply_steps(cfg, loaded)
     tensors = model_tensors(model)
-    after = measure(model, tensors, x, y, plan.columns)
+    before, after = measure([(original, model_tensors(original)), (model, tensors)], x, y, plan.columns)
     drop = round(100 * (before.accuracy - after.accuracy), 4)
     passed = drop <= cfg.max_accuracy_drop
     result = OptimizeResult(

@@ -1,8 +1,10 @@
 """What an optimization changed: size, parameters, latency, throughput and accuracy.
 
 Timing is best-of-N: each figure is the fastest of several timed blocks, each block long
-enough to dwarf timer resolution. On a shared machine other work only ever adds time,
-so the minimum is the steadiest estimate of what the model itself costs.
+enough to dwarf timer resolution, taken in rounds that alternate between the models
+compared. On a shared machine other work only ever adds time, so the minimum is the
+steadiest estimate of what the model itself costs. Inside a Dask worker the timing runs
+under :func:`tasks.allocator.steady_allocator`, so figures match an ordinary process.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tasks.allocator import steady_allocator
 from tasks.optimize.quantize import SCALE_SUFFIX
 from tasks.training.data import Columns, feature_tensor
 
@@ -71,25 +74,33 @@ def tensor_counts(tensors: dict[str, Any]) -> tuple[int, int]:
     return sum(t.numel() for t in weights), sum(int(t.count_nonzero()) for t in weights)
 
 
-def measure(model, tensors: dict[str, Any], x: np.ndarray, y: np.ndarray, cols: Columns) -> ModelStats:
-    """Everything the report shows for one model; ``tensors`` is its stored state."""
+def measure(models: list[tuple[Any, dict[str, Any]]], x: np.ndarray, y: np.ndarray, cols: Columns,
+            rounds: int = 3) -> list[ModelStats]:
+    """Everything the report shows, for each ``(model, stored tensors)``. Timing rounds
+    alternate between the models, so a busy spell on a shared machine hits them alike."""
     import torch
     from safetensors.torch import save as st_save
 
     rows = np.resize(np.arange(len(y)), THROUGHPUT_BATCH)
     one, batch = feature_tensor(x[:1], cols), feature_tensor(x[rows], cols)
-    with torch.inference_mode():
-        latency = best_seconds(lambda: model(one))
-        per_batch = best_seconds(lambda: model(batch))
-    parameters, nonzeros = tensor_counts(tensors)
-    return ModelStats(
-        size_bytes=len(st_save({k: v.contiguous() for k, v in tensors.items()})),
-        parameters=parameters,
-        nonzeros=nonzeros,
-        latency_ms=round(latency * 1e3, 4),
-        throughput=round(THROUGHPUT_BATCH / per_batch, 1),
-        accuracy=round(accuracy(model, x, y, cols), 6),
-    )
+    latency, per_batch = [float("inf")] * len(models), [float("inf")] * len(models)
+    with torch.inference_mode(), steady_allocator():
+        for _ in range(rounds):
+            for i, (model, _) in enumerate(models):
+                latency[i] = min(latency[i], best_seconds(lambda: model(one), repeats=2))
+                per_batch[i] = min(per_batch[i], best_seconds(lambda: model(batch), repeats=2))
+    stats = []
+    for (model, tensors), seconds_one, seconds_batch in zip(models, latency, per_batch):
+        parameters, nonzeros = tensor_counts(tensors)
+        stats.append(ModelStats(
+            size_bytes=len(st_save({k: v.contiguous() for k, v in tensors.items()})),
+            parameters=parameters,
+            nonzeros=nonzeros,
+            latency_ms=round(seconds_one * 1e3, 4),
+            throughput=round(THROUGHPUT_BATCH / seconds_batch, 1),
+            accuracy=round(accuracy(model, x, y, cols), 6),
+        ))
+    return stats
 
 
 def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
