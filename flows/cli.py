@@ -295,6 +295,70 @@ def print_lifecycle_summary(result) -> None:
 
 
 @app.command()
+def optimize(
+    checkpoint: str = typer.Argument(..., help="Training checkpoint folder, or a checkpoint root (its latest)"),
+    eval_dataset: str = typer.Option(..., "--eval", help="Staged dataset with labels: accuracy before and after"),
+    output: str = typer.Option(..., "--output", help="Folder URL for the optimized model"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8-dynamic|int8-weight-only (Linear layers)"),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Fraction of weights (or units) to remove, in (0, 1)"),
+    structured: bool = typer.Option(False, "--structured", help="Prune whole units/channels: smaller and faster"),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold the checkpoint's LoRA adapters in"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16 weights (instead of --quantize)"),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Quality gate, in accuracy points"),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split to score (default: val, else all)"),
+    feature_column: Optional[str] = typer.Option(None, "--feature-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column"),
+    threads: int = typer.Option(1, "--threads", help="torch threads for the latency/throughput figures"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
+    dask_address: Optional[str] = DaskAddress,
+) -> None:
+    """Optimize a trained model (merge LoRA -> prune -> int8 | bf16/fp16), gated on accuracy."""
+    from tasks.optimize.config import OptimizeConfig
+
+    config = OptimizeConfig(
+        checkpoint=checkpoint, eval_dataset=eval_dataset, output=output, quantize=quantize, prune=prune,
+        structured=structured, merge_lora=merge_lora, dtype=dtype, max_accuracy_drop=max_accuracy_drop,
+        eval_split=eval_split, feature_column=feature_column, label_column=label_column, threads=threads,
+        storage_options=parse_storage_options(storage_option), dask_address=dask_address,
+    )
+    _prepare_runtime()
+    from flows.optimize import optimize_model
+
+    print_optimize_summary(optimize_model(config))
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def print_optimize_summary(result) -> None:
+    from deployments.runtime import ui_url
+    from tasks.optimize.report import comparison_rows
+
+    table = Table(title=f"optimized {result.model}: {' -> '.join(s['step'] for s in result.steps)}",
+                  title_justify="left")
+    for column in ("metric", "before", "after", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in comparison_rows(result.before, result.after):
+        table.add_row(row["metric"], _figure(row["before"]), _figure(row["after"]), row["change"])
+    out.print(table)
+    print_kv(
+        "",
+        [
+            ("model", f"{result.model} {result.model_args}"),
+            ("accuracy gate", f"dropped {result.accuracy_drop:.2f} points, allowed {result.max_accuracy_drop:g}: passed"),
+            ("evaluated on", f"{result.eval_rows:,} rows of {result.eval_dataset} ({result.eval_split or 'all splits'}), "
+                             f"timings with {result.threads} thread(s)"),
+            ("output", result.output),
+            ("time", f"{result.seconds:.1f} s"),
+            ("Prefect UI", ui_url() or "-"),
+        ],
+    )
+
+
+@app.command()
 def server(
     port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),
@@ -313,12 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_console_env()
     try:
         app(args=argv, prog_name="swarm", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except (click.ClickException, typer.TyperException) as exc:  # typer >= 0.20 raises its own vendored click's
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         return 130
     except SwarmError as exc:

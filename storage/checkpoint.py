@@ -5,6 +5,9 @@ A checkpoint is a folder ``ckpt-<step>`` under a checkpoint root holding
 tensors' hash) is written last and atomically, so a folder without it is not a
 checkpoint and is ignored; a kill at any moment leaves the previous checkpoint usable.
 Only the last ``keep_last`` checkpoints are kept.
+
+An optimized model (``swarm-model`` format) is the same kind of folder at a URL of its own:
+its metadata says how to rebuild the model and re-apply the optimizations.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from storage.hashing import digest_bytes
 from storage.urls import url_to_fs
 
 FORMAT_ID = "swarm-checkpoint"
+MODEL_FORMAT_ID = "swarm-model"
 VERSION = 1
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -30,21 +34,28 @@ def _name(step: int) -> str:
     return f"ckpt-{step:09d}"
 
 
+def write(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None,
+          format_id: str = FORMAT_ID) -> str:
+    """Write one folder at ``url``: the tensors first, then ``meta.json`` (with their hash) last."""
+    from safetensors.torch import save as st_save
+
+    fs, folder = url_to_fs(url, storage_options)
+    folder = folder.rstrip("/")
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    atomic.write_bytes(fs, f"{folder}/{TENSORS}", data)
+    doc = {"format": format_id, "version": VERSION, "tensors_hash": digest_bytes(data), "tensors_bytes": len(data),
+           **meta}
+    atomic.write_bytes(fs, f"{folder}/{META}", json.dumps(doc, indent=1, default=_jsonable).encode())
+    return url.rstrip("/")
+
+
 def save(root_url: str, step: int, tensors: dict[str, Any], meta: dict[str, Any],
          storage_options: dict | None = None, keep_last: int = 3) -> str:
     """Write checkpoint ``step`` under ``root_url``; return its URL. ``tensors``: name -> torch.Tensor."""
-    from safetensors.torch import save as st_save
-
+    url = write(f"{root_url.rstrip('/')}/{_name(step)}", tensors, {"step": step, **meta}, storage_options)
     fs, root = url_to_fs(root_url, storage_options)
-    root = root.rstrip("/")
-    folder = f"{root}/{_name(step)}"
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic.write_bytes(fs, f"{folder}/{TENSORS}", data)
-    doc = {"format": FORMAT_ID, "version": VERSION, "step": step, "tensors_hash": digest_bytes(data),
-           "tensors_bytes": len(data), **meta}
-    atomic.write_bytes(fs, f"{folder}/{META}", json.dumps(doc, indent=1, default=_jsonable).encode())
-    prune(fs, root, keep_last)
-    return f"{root_url.rstrip('/')}/{_name(step)}"
+    prune(fs, root.rstrip("/"), keep_last)
+    return url
 
 
 def _jsonable(value: Any):
@@ -105,8 +116,12 @@ def resolve(url: str, storage_options: dict | None = None) -> str:
     return found
 
 
-def load(url: str, storage_options: dict | None = None, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load ``(tensors, meta)`` from a checkpoint folder or root (its latest checkpoint)."""
+def load(url: str, storage_options: dict | None = None, verify: bool = True,
+         formats: tuple[str, ...] = (FORMAT_ID,)) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``(tensors, meta)`` from a checkpoint folder or root (its latest checkpoint).
+
+    ``formats``: the folder formats the caller can use (training checkpoints by default).
+    """
     from safetensors.torch import load as st_load
 
     url = resolve(url, storage_options)
@@ -116,9 +131,9 @@ def load(url: str, storage_options: dict | None = None, verify: bool = True) -> 
         meta = json.loads(fs.cat_file(f"{folder}/{META}"))
     except ValueError as exc:
         raise ManifestError(f"{url}/{META} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT_ID or meta.get("version") != VERSION:
+    if meta.get("format") not in formats or meta.get("version") != VERSION:
         raise ManifestError(
-            f"{url}/{META} is not a Swarm checkpoint of version {VERSION} "
+            f"{url}/{META} is not a {' or '.join(formats)} folder of version {VERSION} "
             f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
         )
     try:

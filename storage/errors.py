@@ -32,3 +32,7 @@ class ManifestError(SwarmError):
 
 class IntegrityError(SwarmError):
     """Stored bytes that do not match their recorded content hash."""
+
+
+class QualityGateError(SwarmError):
+    """A result that failed its quality gate (e.g. an optimized model that lost too much accuracy)."""

@@ -18,13 +18,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from storage import codecs, layout, manifest as manifest_mod, sources
 from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
@@ -85,18 +85,17 @@ class StageOptions(BaseModel):
         return self
 
 
+# A flow parameter of fsspec options, checked for credentials wherever it is declared.
+StorageOptions = Annotated[dict[str, Any], AfterValidator(check_storage_options)]
+
+
 class StorageAccess(BaseModel):
     """Where the work runs and how storage is reached (never credentials: the UI shows these)."""
 
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
     )
     dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
-
-    @field_validator("storage_options")
-    @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_storage_options(value)
 
 
 class StageTarget(BaseModel):

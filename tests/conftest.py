@@ -95,3 +95,14 @@ def digits_dataset(session_dir) -> str:
     dest = str(session_dir / "digits")
     stage_plain(source="digits", dest=dest, val_fraction=0.2)
     return dest
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(digits_dataset, session_dir) -> str:
+    """A digits MLP trained in-process (~97% validation accuracy), for evaluation and optimization tests."""
+    from tasks.training import TrainConfig, prepare_training
+    from tasks.training.rank import RankJob, train_rank
+
+    cfg = TrainConfig(dataset=digits_dataset, epochs=8, checkpoint_dir=str(session_dir / "digits-mlp"))
+    plan = prepare_training(cfg)
+    return train_rank(RankJob(cfg, plan.model_name, plan.model_args, plan.columns)).checkpoint

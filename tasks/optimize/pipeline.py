@@ -1,0 +1,168 @@
+"""Optimization as plain functions: check everything first, then optimize, measure, gate, save."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from storage import checkpoint as ckpt
+from storage.dataset import Dataset
+from storage.errors import ConfigError
+from tasks.models.loading import LoadedModel, load_model
+from tasks.optimize.artifact import check_output, model_tensors, save_artifact
+from tasks.optimize.config import OptimizeConfig
+from tasks.optimize.precision import cast_model
+from tasks.optimize.prune import check_structured, prune_structured, prune_unstructured
+from tasks.optimize.quantize import quantize_model
+from tasks.optimize.report import measure
+from tasks.training.data import Columns, feature_tensor, load_split, resolve_columns, to_arrays
+
+
+@dataclass(frozen=True)
+class OptimizePlan:
+    checkpoint: str  # the resolved checkpoint folder
+    model_name: str
+    model_args: dict[str, Any]
+    columns: Columns  # of the eval dataset
+    eval_split: str | None  # None: all rows
+    eval_rows: int
+    steps: tuple[str, ...]
+
+
+class OptimizeResult(BaseModel):
+    """What an optimization did, measured before and after on the eval set."""
+
+    output: str | None  # None when the quality gate refused the model
+    checkpoint: str
+    model: str
+    model_args: dict[str, Any]
+    steps: list[dict[str, Any]]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    accuracy_drop: float  # points
+    max_accuracy_drop: float
+    passed: bool
+    eval_dataset: str
+    eval_split: str | None
+    eval_rows: int
+    threads: int
+    seconds: float
+
+    def gate_message(self) -> str:
+        return (
+            f"quality gate: accuracy fell {self.accuracy_drop:.2f} points "
+            f"({100 * self.before['accuracy']:.2f}% -> {100 * self.after['accuracy']:.2f}% on {self.eval_rows} rows of "
+            f"{self.eval_dataset}), more than the allowed {self.max_accuracy_drop:g} (--max-accuracy-drop); "
+            "nothing was written"
+        )
+
+
+def _eval_split(ds: Dataset, asked: str | None) -> str | None:
+    splits = list(ds.manifest.splits)
+    if asked is not None:
+        if asked not in splits:
+            raise ConfigError(f"eval split {asked!r} is not in {ds.url!r} (splits: {', '.join(splits)})")
+        return asked
+    return "val" if "val" in splits else None
+
+
+def _check_forward(loaded: LoadedModel, ds: Dataset, cols: Columns, split: str | None) -> None:
+    import torch
+
+    x, _ = to_arrays(ds.read_shard(ds.shards(split)[0]).slice(0, 2), cols)
+    try:
+        with torch.inference_mode():
+            loaded.model(feature_tensor(x, cols))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
+        raise ConfigError(
+            f"model {loaded.name!r} of {loaded.url!r} cannot take column {cols.feature!r} of {ds.url!r} "
+            f"(rows of {x.shape[1:]} values): {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def prepare_optimization(cfg: OptimizeConfig) -> OptimizePlan:
+    """Check the checkpoint, the steps, the eval dataset and the output; writes nothing."""
+    loaded = load_model(cfg.checkpoint, cfg.storage_options)
+    if loaded.meta.get("format") != ckpt.FORMAT_ID:
+        raise ConfigError(
+            f"{loaded.url!r} is already an optimized model; optimize its training checkpoint "
+            f"({(loaded.meta.get('source') or {}).get('checkpoint', '?')}) with all the steps at once"
+        )
+    lora = loaded.meta.get("lora")
+    if lora and not cfg.merge_lora:
+        raise ConfigError(f"checkpoint {loaded.url!r} has LoRA adapters on {', '.join(lora['layers'])}: "
+                          "add --merge-lora to fold them in first")
+    if cfg.merge_lora and not lora:
+        raise ConfigError(f"--merge-lora: checkpoint {loaded.url!r} has no LoRA adapters")
+    if cfg.structured:
+        check_structured(loaded.name)
+    ds = Dataset.open(cfg.eval_dataset, cfg.storage_options)
+    cols = resolve_columns(ds, cfg.feature_column or loaded.columns.get("feature"),
+                           cfg.label_column or loaded.columns.get("label"))
+    split = _eval_split(ds, cfg.eval_split)
+    rows = sum(e.rows for e in ds.shards(split))
+    if rows == 0:
+        raise ConfigError(f"eval dataset {cfg.eval_dataset!r} has no rows in split {split or '(all)'!r}")
+    _check_forward(loaded, ds, cols, split)
+    check_output(cfg.output, cfg.storage_options)
+    return OptimizePlan(loaded.url, loaded.name, loaded.args, cols, split, rows, tuple(cfg.steps))
+
+
+def apply_steps(cfg: OptimizeConfig, loaded: LoadedModel):
+    """Run the asked-for steps in their fixed order; returns (model, its arguments, step records)."""
+    model, args, records = loaded.model, dict(loaded.args), []
+    if cfg.merge_lora:
+        from tasks.training.lora import merge_lora
+
+        records.append({"step": "merge-lora", "layers": merge_lora(model)})
+    if cfg.prune is not None and cfg.structured:
+        model, args = prune_structured(loaded.name, args, model, cfg.prune)
+        records.append({"step": "prune", "structured": True, "amount": cfg.prune, "args_before": loaded.args})
+    elif cfg.prune is not None:
+        zeroed = prune_unstructured(model, cfg.prune)
+        records.append({"step": "prune", "structured": False, "amount": cfg.prune, "zeroed": zeroed})
+    if cfg.quantize:
+        records.append({"step": "quantize", "mode": cfg.quantize, "layers": quantize_model(model, cfg.quantize)})
+    if cfg.dtype:
+        model = cast_model(model, cfg.dtype)
+        records.append({"step": "cast", "dtype": cfg.dtype})
+    return model.eval(), args, records
+
+
+def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
+    """Optimize, measure before and after, and write the artifact only if the gate passes."""
+    import torch
+
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    loaded = load_model(plan.checkpoint, cfg.storage_options)
+    x, y = load_split(cfg.eval_dataset, plan.eval_split, plan.columns, cfg.storage_options)
+    original = copy.deepcopy(loaded.model)  # the steps change the model in place
+    model, args, records = apply_steps(cfg, loaded)
+    tensors = model_tensors(model)
+    before, after = measure([(original, model_tensors(original)), (model, tensors)], x, y, plan.columns)
+    drop = round(100 * (before.accuracy - after.accuracy), 4)
+    passed = drop <= cfg.max_accuracy_drop
+    result = OptimizeResult(
+        output=cfg.output if passed else None, checkpoint=plan.checkpoint, model=plan.model_name, model_args=args,
+        steps=records, before=before.as_dict(), after=after.as_dict(), accuracy_drop=drop,
+        max_accuracy_drop=cfg.max_accuracy_drop, passed=passed, eval_dataset=cfg.eval_dataset,
+        eval_split=plan.eval_split, eval_rows=len(y), threads=cfg.threads, seconds=0.0,
+    )
+    if passed:
+        meta = {
+            "model": {"name": plan.model_name, "args": args},
+            "columns": loaded.columns,
+            "optimizations": records,
+            "source": {"checkpoint": plan.checkpoint, "step": loaded.meta.get("step"), "model_args": plan.model_args},
+            "eval": {"dataset": cfg.eval_dataset, "split": plan.eval_split, "rows": len(y), "threads": cfg.threads},
+            "report": {"before": result.before, "after": result.after, "accuracy_drop": drop,
+                       "max_accuracy_drop": cfg.max_accuracy_drop},
+        }
+        save_artifact(cfg.output, tensors, meta, cfg.storage_options)
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result

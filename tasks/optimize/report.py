@@ -1,0 +1,117 @@
+"""What an optimization changed: size, parameters, latency, throughput and accuracy.
+
+Timing is best-of-N: each figure is the fastest of several timed blocks, each block long
+enough to dwarf timer resolution, taken in rounds that alternate between the models
+compared. On a shared machine other work only ever adds time, so the minimum is the
+steadiest estimate of what the model itself costs. Inside a Dask worker the timing runs
+under :func:`tasks.allocator.steady_allocator`, so figures match an ordinary process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from tasks.allocator import steady_allocator
+from tasks.optimize.quantize import SCALE_SUFFIX
+from tasks.training.data import Columns, feature_tensor
+
+THROUGHPUT_BATCH = 64
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    size_bytes: int  # the model's tensors as safetensors
+    parameters: int  # weights and biases (int8 ones included; quantization scales are not)
+    nonzeros: int
+    latency_ms: float  # one sample
+    throughput: float  # samples/s at batch THROUGHPUT_BATCH
+    accuracy: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int = 5, min_block_s: float = 0.02) -> float:
+    """Seconds per call of ``fn``: the fastest of ``repeats`` blocks of calls."""
+    fn()
+    calls, elapsed = 1, 0.0
+    while True:  # size a block to take at least min_block_s
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_block_s:
+            break
+        calls = max(calls * 2, int(calls * min_block_s / max(elapsed, 1e-9)) + 1)
+    best = elapsed / calls
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray, cols: Columns) -> float:
+    import torch
+
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(y), EVAL_BATCH):
+            logits = model(feature_tensor(x[i:i + EVAL_BATCH], cols))
+            correct += (logits.argmax(1).numpy() == y[i:i + EVAL_BATCH]).sum()
+    return float(correct) / len(y)
+
+
+def tensor_counts(tensors: dict[str, Any]) -> tuple[int, int]:
+    """(parameters, non-zeros) of a state dict, leaving out quantization scales."""
+    weights = [t for name, t in tensors.items() if not name.endswith(SCALE_SUFFIX)]
+    return sum(t.numel() for t in weights), sum(int(t.count_nonzero()) for t in weights)
+
+
+def measure(models: list[tuple[Any, dict[str, Any]]], x: np.ndarray, y: np.ndarray, cols: Columns,
+            rounds: int = 3) -> list[ModelStats]:
+    """Everything the report shows, for each ``(model, stored tensors)``. Timing rounds
+    alternate between the models, so a busy spell on a shared machine hits them alike."""
+    import torch
+    from safetensors.torch import save as st_save
+
+    rows = np.resize(np.arange(len(y)), THROUGHPUT_BATCH)
+    one, batch = feature_tensor(x[:1], cols), feature_tensor(x[rows], cols)
+    latency, per_batch = [float("inf")] * len(models), [float("inf")] * len(models)
+    with torch.inference_mode(), steady_allocator():
+        for _ in range(rounds):
+            for i, (model, _) in enumerate(models):
+                latency[i] = min(latency[i], best_seconds(lambda: model(one), repeats=2))
+                per_batch[i] = min(per_batch[i], best_seconds(lambda: model(batch), repeats=2))
+    stats = []
+    for (model, tensors), seconds_one, seconds_batch in zip(models, latency, per_batch):
+        parameters, nonzeros = tensor_counts(tensors)
+        stats.append(ModelStats(
+            size_bytes=len(st_save({k: v.contiguous() for k, v in tensors.items()})),
+            parameters=parameters,
+            nonzeros=nonzeros,
+            latency_ms=round(seconds_one * 1e3, 4),
+            throughput=round(THROUGHPUT_BATCH / seconds_batch, 1),
+            accuracy=round(accuracy(model, x, y, cols), 6),
+        ))
+    return stats
+
+
+def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per figure: before, after and the change (a ratio, or points for accuracy)."""
+    rows = []
+    for key, label in (("size_bytes", "size on disk (bytes)"), ("parameters", "parameters"),
+                       ("nonzeros", "non-zeros"), ("latency_ms", "latency, batch 1 (ms)"),
+                       ("throughput", f"throughput, batch {THROUGHPUT_BATCH} (samples/s)")):
+        b, a = before[key], after[key]
+        rows.append({"metric": label, "before": b, "after": a, "change": f"x{a / b:.3f}" if b else "-"})
+    drop = 100 * (before["accuracy"] - after["accuracy"])
+    rows.append({"metric": "accuracy (%)", "before": round(100 * before["accuracy"], 2),
+                 "after": round(100 * after["accuracy"], 2), "change": f"{-drop:+.2f} points"})
+    return rows
