@@ -18,8 +18,11 @@ from pydantic import BaseModel, Field
 
 from flows.base import swarm_flow
 from flows.stage import stage_dataset
+from flows.optimize import optimize_model
 from flows.train import TrainResult, train_model
 from tasks import artifacts
+from tasks.optimize import OptimizeConfig, OptimizeResult, optimization_finished, optimize_identity
+from tasks.optimize.config import OptimizeOptions
 from tasks.staging import StageConfig, StageOptions, StageResult, stage_identity
 from tasks.training import TrainConfig, TrainOptions, train_identity, training_finished
 
@@ -41,8 +44,10 @@ class LifecycleResult(BaseModel):
     output: str
     dataset: str
     checkpoint: str
+    model: str
     staged: StageResult
     trained: TrainResult
+    optimized: OptimizeResult
     stages_run: list[str]
     stages_cached: list[str]
     seconds: float
@@ -58,6 +63,12 @@ def stage_step(config: StageConfig, key: str) -> StageResult:
 def train_step(config: TrainConfig, key: str) -> TrainResult:
     """Train (cached by dataset content, options and starting weights)."""
     return train_model(config)
+
+
+@task(name="optimize", **CACHED)
+def optimize_step(config: OptimizeConfig, key: str) -> OptimizeResult:
+    """Optimize (cached by checkpoint tensors, eval data content and options)."""
+    return optimize_model(config)
 
 
 def dataset_name(params: DataParams) -> str:
@@ -77,6 +88,7 @@ def _run(step, config, key: str, current: bool, ran: list[str], cached: list[str
 def lifecycle(
     data: DataParams = DataParams(),
     training: TrainOptions = TrainOptions(),
+    optimization: OptimizeOptions = OptimizeOptions(quantize="int8-dynamic"),
     output: Annotated[str, Field(description="Root folder or URL for datasets, checkpoints, models, predictions")]
     = "swarm-data",
     storage_options: Annotated[dict[str, Any] | None, Field(description="fsspec options; never credentials")] = None,
@@ -99,12 +111,21 @@ def lifecycle(
     train_cfg = probe.model_copy(update={"checkpoint_dir": f"{root}/checkpoints/{name}-{key[:12]}"})
     trained = _run(train_step, train_cfg, key, training_finished(train_cfg), ran, cached, "train")
 
+    probe = OptimizeConfig(checkpoint=trained.checkpoint, eval_dataset=staged.dest, output="-",
+                           **optimization.model_dump(), **access)
+    key = optimize_identity(probe)
+    opt_cfg = probe.model_copy(update={"output": f"{root}/models/{name}-{key[:12]}"})
+    optimized = _run(optimize_step, opt_cfg, key, optimization_finished(opt_cfg), ran, cached, "optimize")
+
     result = LifecycleResult(
-        output=root, dataset=staged.dest, checkpoint=trained.checkpoint, staged=staged, trained=trained,
+        output=root, dataset=staged.dest, checkpoint=trained.checkpoint, model=optimized.output,
+        staged=staged, trained=trained, optimized=optimized,
         stages_run=ran, stages_cached=cached, seconds=round(time.perf_counter() - started, 2),
     )
     artifacts.table("lifecycle", [{
-        "dataset": staged.dest, "rows": staged.rows, "val_acc": trained.val_acc, "checkpoint": trained.checkpoint,
+        "dataset": staged.dest, "rows": staged.rows, "val_acc": trained.val_acc,
+        "model": optimized.output, "model_bytes_before": optimized.before.get("size_bytes"),
+        "model_bytes_after": optimized.after.get("size_bytes"),
         "ran": ", ".join(ran) or "-", "cached": ", ".join(cached) or "-", "seconds": result.seconds,
     }], description="The lifecycle run")
     return result

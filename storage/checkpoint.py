@@ -116,6 +116,24 @@ def resolve(url: str, storage_options: dict | None = None) -> str:
     return found
 
 
+def read_meta(url: str, storage_options: dict | None = None,
+              formats: tuple[str, ...] = (FORMAT_ID,)) -> tuple[str, dict[str, Any]]:
+    """``(resolved folder URL, meta)`` of a checkpoint or model folder, without its tensors."""
+    url = resolve(url, storage_options)
+    fs, folder = url_to_fs(url, storage_options)
+    try:
+        meta = json.loads(fs.cat_file(f"{folder.rstrip('/')}/{META}"))
+    except ValueError as exc:
+        raise ManifestError(f"{url}/{META} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") not in formats or meta.get("version") != VERSION:
+        got = meta if isinstance(meta, dict) else {}
+        raise ManifestError(
+            f"{url}/{META} is not a {' or '.join(formats)} folder of version {VERSION} "
+            f"(format {got.get('format')!r}, version {got.get('version')!r})"
+        )
+    return url, meta
+
+
 def load(url: str, storage_options: dict | None = None, verify: bool = True,
          formats: tuple[str, ...] = (FORMAT_ID,)) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load ``(tensors, meta)`` from a checkpoint folder or root (its latest checkpoint).
@@ -124,18 +142,9 @@ def load(url: str, storage_options: dict | None = None, verify: bool = True,
     """
     from safetensors.torch import load as st_load
 
-    url = resolve(url, storage_options)
+    url, meta = read_meta(url, storage_options, formats)
     fs, folder = url_to_fs(url, storage_options)
     folder = folder.rstrip("/")
-    try:
-        meta = json.loads(fs.cat_file(f"{folder}/{META}"))
-    except ValueError as exc:
-        raise ManifestError(f"{url}/{META} is not valid JSON: {exc}") from None
-    if meta.get("format") not in formats or meta.get("version") != VERSION:
-        raise ManifestError(
-            f"{url}/{META} is not a {' or '.join(formats)} folder of version {VERSION} "
-            f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
-        )
     try:
         data = fs.cat_file(f"{folder}/{TENSORS}")
     except FileNotFoundError:

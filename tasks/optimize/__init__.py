@@ -8,12 +8,39 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.optimize.config import STEP_ORDER, OptimizeConfig
+from tasks.optimize.config import STEP_ORDER, OptimizeConfig, OptimizeOptions
 from tasks.optimize.pipeline import OptimizePlan, OptimizeResult, optimize, prepare_optimization
 from tasks.optimize.report import comparison_rows
 
 __all__ = ["OptimizeConfig", "OptimizePlan", "OptimizeResult", "STEP_ORDER", "comparison_rows", "optimize",
            "optimize_task", "prepare_optimization", "prepare_optimization_task"]
+
+
+def optimize_identity(cfg: OptimizeConfig) -> str:
+    """A content key of an optimization: checkpoint tensors, eval data content, options."""
+    import hashlib
+    import json
+
+    from storage import checkpoint as ckpt
+    from storage.dataset import Dataset
+
+    _, meta = ckpt.read_meta(cfg.checkpoint, cfg.storage_options)
+    data = Dataset.open(cfg.eval_dataset, cfg.storage_options).manifest.content_hash()
+    options = cfg.model_dump(include=set(OptimizeOptions.model_fields) - {"threads"})
+    body = json.dumps({"checkpoint": meta["tensors_hash"], "eval": data, "options": options}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def optimization_finished(cfg: OptimizeConfig) -> bool:
+    """Whether ``cfg.output`` already holds an optimized model (outputs are keyed by content)."""
+    from storage import checkpoint as ckpt
+    from storage.errors import ManifestError
+
+    try:
+        ckpt.read_meta(cfg.output, cfg.storage_options, formats=(ckpt.MODEL_FORMAT_ID,))
+    except ManifestError:
+        return False
+    return True
 
 
 @task(name="prepare-optimization", cache_policy=NO_CACHE)

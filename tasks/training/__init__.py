@@ -145,7 +145,7 @@ def train_identity(cfg: TrainConfig) -> str:
     import json
 
     dataset_hash = Dataset.open(cfg.dataset, cfg.storage_options).manifest.content_hash()
-    init_hash = ckpt.load(cfg.init_from, cfg.storage_options)[1]["tensors_hash"] if cfg.init_from else None
+    init_hash = ckpt.read_meta(cfg.init_from, cfg.storage_options)[1]["tensors_hash"] if cfg.init_from else None
     options = cfg.model_dump(include=set(TrainOptions.model_fields) - RUNTIME_ONLY)
     body = json.dumps({"dataset": dataset_hash, "init": init_hash, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
@@ -156,7 +156,7 @@ def training_finished(cfg: TrainConfig) -> bool:
     latest = ckpt.latest(cfg.checkpoint_dir, cfg.storage_options)
     if latest is None:
         return False
-    _, meta = ckpt.load(latest, cfg.storage_options, verify=False)
+    _, meta = ckpt.read_meta(latest, cfg.storage_options)
     return meta.get("epoch") == cfg.epochs and meta.get("batch") == 0
 
 
