@@ -31,6 +31,7 @@ out as ``k, k+1, …`` exactly as in an uninterrupted run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
@@ -74,6 +75,7 @@ def register(shuffle: Shuffle, clobber: bool = False) -> None:
     if shuffle.name in SHUFFLES and not clobber:
         raise ValueError(f"shuffle {shuffle.name!r} is already registered")
     SHUFFLES[shuffle.name] = shuffle
+    _block_order.cache_clear()
 
 
 def get_shuffle(name: str) -> Shuffle:
@@ -194,12 +196,12 @@ class StreamPlan:
     def rows(self) -> int:
         return int(self.sizes.sum())
 
-    @property
+    @cached_property
     def offsets(self) -> np.ndarray:
         """Stream position where each batch starts (and, last, the end)."""
         return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
-    @property
+    @cached_property
     def span_ends(self) -> np.ndarray:
         return np.cumsum([s.rows for s in self.spans]).astype(np.int64)
 
@@ -224,8 +226,7 @@ class StreamPlan:
         parts = []
         for block in range(lo // size, (hi - 1) // size + 1):
             b_lo, b_hi = self.block_bounds(block)
-            key = (spec.seed, spec.epoch, spec.rank, self.stream, block)
-            perm = algo.block_order(b_hi - b_lo, key)
+            perm = _block_order(algo.name, b_hi - b_lo, (spec.seed, spec.epoch, spec.rank, self.stream, block))
             parts.append(b_lo + perm[max(lo, b_lo) - b_lo: min(hi, b_hi) - b_lo])
         return np.concatenate(parts)
 
@@ -242,6 +243,14 @@ class StreamPlan:
         shard = np.array([s.shard for s in self.spans], dtype=np.int64)[span]
         first = np.array([s.start for s in self.spans], dtype=np.int64)[span]
         return shard_offsets[shard] + first + row
+
+
+@lru_cache(maxsize=8)
+def _block_order(shuffle: str, length: int, key: tuple[int, ...]) -> np.ndarray:
+    # A reader asks for the same block once per batch: memoise the last few.
+    perm = SHUFFLES[shuffle].block_order(length, key)
+    perm.setflags(write=False)
+    return perm
 
 
 def stream_for_worker(worker: int, num_workers: int, consumed: int) -> int:
