@@ -328,8 +328,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
         held = self.hold(path, pin=True)
         if held.pinned is None:
             return io.BytesIO(held.buffer)
-        held.pinned.file.seek(0)
-        return io.BufferedReader(held.pinned.file)  # verified; the pin lasts until it is closed
+        return _PinnedReader(held.pinned)  # verified; the pin lasts until it is closed
 
     def ls(self, path: str, detail: bool = True, **kwargs):
         return self.fs.ls(self._target(path), detail=detail, **kwargs)
@@ -372,4 +371,19 @@ def _check(data: bytes, expected: _Expected, where: str) -> None:
 def _map(pinned: Pinned):
     if pinned.size == 0:
         return b""
-    return mmap.mmap(pinned.file.fileno(), 0, access=mmap.ACCESS_READ)
+    with pinned.open() as reader:  # the mapping keeps a descriptor of its own, without the lock
+        return mmap.mmap(reader.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class _PinnedReader(io.BufferedReader):
+    """A cached file opened for reading; closing it releases the pin."""
+
+    def __init__(self, pinned: Pinned):
+        super().__init__(pinned.open())
+        self._pinned = pinned
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._pinned.close()

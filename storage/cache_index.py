@@ -11,6 +11,9 @@ Layout under the cache root (one per node, shared by every process on it)::
 Coordination is by ``flock(2)`` alone. A flock belongs to an open file description, so
 the kernel drops it when its process dies (SIGKILL included): nothing is ever left
 locked, and a temporary whose writer died is found unlocked and removed by the next scan.
+A forked child (a ``DataLoader`` worker) would share the descriptions its parent holds
+locked at that moment and keep those locks alive; it closes its copies right after the
+fork. Locked descriptors are never handed out: readers and mappings get their own.
 
 * **Pins.** A reader holds a shared flock on the data file while it uses it. Eviction
   takes an exclusive non-blocking flock and skips the file when that fails, so a file
@@ -32,9 +35,10 @@ import fcntl
 import itertools
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
 
@@ -75,15 +79,27 @@ def fast_digest(data) -> str:
 
 @dataclass
 class Pinned:
-    """An open cached file, held with a shared lock: it is not evicted until closed."""
+    """A cached file held with a shared lock: it is not evicted until :meth:`close`."""
 
-    file: object  # a binary file object; closing it releases the pin
+    fd: int  # holds the lock; never read from, never handed out
     path: str
     size: int
     digest: str | None  # the stored fast digest; None when the sidecar is missing
+    pid: int = field(default_factory=os.getpid)
+
+    def open(self):
+        """A new descriptor of the pinned file (not the path's current file, if replaced)."""
+        reader = open(self.path, "rb", buffering=0)
+        here, there = os.fstat(reader.fileno()), os.fstat(self.fd)
+        if (here.st_ino, here.st_dev) != (there.st_ino, there.st_dev):
+            reader.close()
+            raise FileNotFoundError(self.path)
+        return reader
 
     def close(self) -> None:
-        self.file.close()
+        if self.fd >= 0 and self.pid == os.getpid():  # a forked child closed its copy already
+            _release(self.fd)
+        self.fd = -1
 
 
 class Reservation:
@@ -108,14 +124,14 @@ class Reservation:
         with self.cache.budget_lock():
             os.replace(side_tmp, self.cache.data_path(self.key) + SIDECAR)
             os.replace(self.path, self.cache.data_path(self.key))
-        os.close(self.fd)
+        _release(self.fd)
         self.fd = -1
 
     def abort(self) -> None:
         for path in (self.path, f"{self.path}{SIDECAR}"):
             _unlink(path)
         if self.fd >= 0:
-            os.close(self.fd)
+            _release(self.fd)
             self.fd = -1
 
 
@@ -148,27 +164,27 @@ class CacheDir:
     # ------------------------------------------------------------------ hits
 
     def open_pinned(self, key: str) -> Pinned | None:
-        """Open ``key`` with a shared lock and mark it used now; None on a miss."""
+        """Lock ``key`` shared and mark it used now; None on a miss."""
         path = self.data_path(key)
         try:
-            f = open(path, "rb", buffering=0)
+            fd = _open_held(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            st = os.fstat(f.fileno())
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
             if st.st_nlink == 0:  # evicted between open and lock
-                f.close()
+                _release(fd)
                 return None
-            os.utime(f.fileno())
+            os.utime(fd)
             try:
                 with open(path + SIDECAR) as side:
                     digest = side.read(DIGEST_LEN + 1).strip() or None
             except FileNotFoundError:
                 digest = None
-            return Pinned(f, path, st.st_size, digest)
+            return Pinned(fd, path, st.st_size, digest)
         except BaseException:
-            f.close()
+            _release(fd)
             raise
 
     def remove(self, key: str) -> None:
@@ -206,7 +222,7 @@ class CacheDir:
 
     def _create_tmp(self, key: str, size: int) -> Reservation:
         path = os.path.join(self.root, "tmp", f"{key}.{os.getpid()}.{next(_counter)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = _open_held(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, size + DIGEST_LEN)  # the digest sidecar's bytes are reserved here too
         return Reservation(self, key, path, fd)
@@ -233,22 +249,14 @@ class CacheDir:
         return used, files
 
     def _evict(self, path: str) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = _lock_exclusive(path)
+        if fd is None:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
         try:
             _unlink(path)
             _unlink(path + SIDECAR)
         finally:
-            os.close(fd)
+            _release(fd)
         return True
 
     # ------------------------------------------------------------------ inspection
@@ -287,26 +295,70 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _lock_free(path: str) -> bool:
-    """True when no process holds a lock on ``path`` (its writer is gone)."""
+def _lock_exclusive(path: str) -> int | None:
+    """An fd holding an exclusive lock on ``path``; None if it is gone or someone holds a lock."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_held(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
+        return fd
+    except OSError as exc:
+        _release(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+
+
+def _lock_free(path: str) -> bool:
+    """True when no process holds a lock on ``path`` (its writer is gone)."""
+    fd = _lock_exclusive(path)
+    if fd is None:
         return False
-    finally:
+    _release(fd)
+    return True
+
+
+# Descriptors that may hold a lock, closed in a forked child (see the module docstring).
+_HELD: set[int] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _open_held(path: str, flags: int, mode: int = 0o644) -> int:
+    # Opened and recorded under the lock a fork takes first: a child never gets an
+    # unrecorded descriptor that its parent locks a moment later.
+    with _HELD_LOCK:
+        fd = os.open(path, flags, mode)
+        _HELD.add(fd)
+    return fd
+
+
+def _release(fd: int) -> None:
+    with _HELD_LOCK:
+        _HELD.discard(fd)
         os.close(fd)
+
+
+def _close_inherited() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+    _HELD_LOCK.release()
+
+
+os.register_at_fork(before=_HELD_LOCK.acquire, after_in_parent=_HELD_LOCK.release,
+                    after_in_child=_close_inherited)
 
 
 @contextmanager
 def _flocked(path: str, mode: int):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_held(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, mode)
         yield
     finally:
-        os.close(fd)
+        _release(fd)

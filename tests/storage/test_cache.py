@@ -143,20 +143,18 @@ def test_four_processes_share_one_budget(images, cache_opts):
     largest = max(s.bytes for s in shards)
     budget = int(3.5 * largest)
     opts = {**cache_opts, "cache_bytes": budget, "wait_s": 0.5}
-    root = CacheDir(opts["cache_dir"], budget).root
+    cache = CacheDir(opts["cache_dir"], budget)
     peak = [0]
     done = threading.Event()
 
     def watch():
         while not done.is_set():
             total = 0
-            for dirpath, _dirs, files in os.walk(root):
-                for name in files:
-                    try:
-                        total += os.stat(os.path.join(dirpath, name)).st_size
-                    except FileNotFoundError:
-                        pass
+            with cache.budget_lock():  # a consistent snapshot: files grow and move only under this lock
+                for dirpath, _dirs, files in os.walk(cache.root):
+                    total += sum(os.stat(os.path.join(dirpath, name)).st_size for name in files)
             peak[0] = max(peak[0], total)
+            time.sleep(0.001)
 
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()
@@ -250,3 +248,26 @@ def test_parse_bytes():
     assert parse_bytes("10GB") == 10 * 10**9
     assert parse_bytes("512MiB") == 512 << 20
     assert parse_bytes(1234) == 1234 and parse_bytes("1e6") == 10**6
+
+
+def _wait(event) -> None:
+    event.wait(60)
+
+
+def test_forked_children_do_not_keep_the_parents_locks(images, cache_opts):
+    """A DataLoader worker forked while the parent holds a pin must not keep it pinned."""
+    fs, root = _cache(images.url, cache_opts)
+    entry = images.dataset.shards("train")[0]
+    fs.cat_file(f"{root}/{entry.name}")
+    pin = fs.cache.open_pinned(_key(entry))
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    child = ctx.Process(target=_wait, args=(stop,))
+    child.start()
+    try:
+        assert not fs.cache.discard(_key(entry)), "pinned by this process"
+        pin.close()
+        assert fs.cache.discard(_key(entry)), "the child's copy of the pin was closed at the fork"
+    finally:
+        stop.set()
+        child.join(30)
