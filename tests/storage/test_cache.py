@@ -250,8 +250,9 @@ def test_parse_bytes():
     assert parse_bytes(1234) == 1234 and parse_bytes("1e6") == 10**6
 
 
-def _wait(event) -> None:
-    event.wait(60)
+def _wait(started, stop) -> None:
+    started.set()
+    stop.wait(60)
 
 
 def test_forked_children_do_not_keep_the_parents_locks(images, cache_opts):
@@ -261,10 +262,11 @@ def test_forked_children_do_not_keep_the_parents_locks(images, cache_opts):
     fs.cat_file(f"{root}/{entry.name}")
     pin = fs.cache.open_pinned(_key(entry))
     ctx = multiprocessing.get_context("fork")
-    stop = ctx.Event()
-    child = ctx.Process(target=_wait, args=(stop,))
+    started, stop = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_wait, args=(started, stop))
     child.start()
     try:
+        assert started.wait(30)
         assert not fs.cache.discard(_key(entry)), "pinned by this process"
         pin.close()
         assert fs.cache.discard(_key(entry)), "the child's copy of the pin was closed at the fork"
