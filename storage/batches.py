@@ -4,9 +4,10 @@
 ahead in plan order (a :class:`~storage.fetcher.ShardFetcher`), kept while a batch or
 shuffle window still needs them, and dropped after. Without a row shuffle a batch is a
 run of consecutive rows: a zero-copy view when it lies inside one record batch, else one
-concatenation. With the block shuffle, each window of ``block_size`` rows is assembled
-once (a view when it lies inside one record batch) and each batch is one ``take`` from
-it, written into the caller's buffers when it supplies them (pinned memory on CUDA).
+concatenation. With the block shuffle, every span of the current shuffle window stays
+resident and a batch's rows (in stream order, see :mod:`storage.order`) are copied with
+one ``take`` per record batch they come from, straight into the caller's buffers when it
+supplies them (pinned memory on CUDA): one copy per row, no staging of the window.
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ class _Window:
                 start += rows
         return parts
 
+    def chunks(self, lo: int, hi: int) -> tuple[np.ndarray, list[tuple[dict, int, int]]]:
+        """The record-batch pieces covering ``[lo, hi)`` and the stream position each starts at."""
+        parts = self.rows(lo, hi)
+        starts = np.cumsum([lo] + [b - a for _, a, b in parts[:-1]]).astype(np.int64)
+        return starts, parts
+
     def drop_before(self, position: int) -> None:
         ends = self.plan.span_ends
         for index in [i for i in self.resident if ends[i] <= position]:
@@ -85,7 +92,13 @@ class StreamReader:
                  specs: list[ColumnSpec], depth: int = 4, fetch_depth: Callable[[], int] | None = None,
                  on_batch: Callable[[ShardFetcher], None] | None = None):
         self.plan, self.read_span, self.span_bytes, self.specs = plan, read_span, span_bytes, specs
-        self.depth, self.fetch_depth, self.on_batch = depth, fetch_depth, on_batch
+        self.fetch_depth, self.on_batch = fetch_depth, on_batch
+        # A shuffle window's spans are all needed at once: read the next window's meanwhile.
+        self.depth = max(depth, self.spans_per_block() + 1) if plan.shuffled else depth
+
+    def spans_per_block(self) -> int:
+        rows = [s.rows for s in self.plan.spans]
+        return -(-self.plan.spec.block_size // max(1, int(np.mean(rows)))) + 1 if rows else 1
 
     def batches(self, first: int, out: BufferProvider | None = None) -> Iterator[tuple[int, int, dict]]:
         """``(lo, hi, arrays)`` for the stream's batches from index ``first`` on."""
@@ -97,12 +110,11 @@ class StreamReader:
         first_span = int(np.searchsorted(plan.span_ends, start, side="right"))
         fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], depth=self.depth, size=self.span_bytes)
         window = _Window(plan, first_span, fetcher)
-        self._block: tuple[int, dict] | None = None
-        self._block_buffer = empty_like_rows(self.specs, min(size, plan.rows)) if plan.shuffled else None
+        self._index: tuple[int, int, np.ndarray, list] | None = None
         try:
             for i in range(first, len(plan.sizes)):
                 if self.fetch_depth is not None:
-                    fetcher.depth = self.fetch_depth()
+                    fetcher.depth = max(self.fetch_depth(), self.depth)
                 lo, hi = int(offsets[i]), int(offsets[i + 1])
                 buffers = out(hi - lo) if out is not None else None
                 if plan.shuffled:
@@ -115,30 +127,30 @@ class StreamReader:
                     self.on_batch(fetcher)
                 yield lo, hi, arrays
         finally:
+            self._index = None
             window.close()
-            self._block = self._block_buffer = None
 
     def _gather(self, window: _Window, lo: int, hi: int, buffers) -> dict:
-        """Rows at shuffled positions ``[lo, hi)``: a take from the shuffle window(s) they fall in."""
+        """The batch at shuffled positions ``[lo, hi)``: a take per record batch its rows are in."""
         plan, specs = self.plan, self.specs
         size = plan.spec.block_size
-        sources = plan.source_positions(lo, hi)
+        w_lo, w_hi = plan.block_bounds(lo // size)[0], plan.block_bounds((hi - 1) // size)[1]
+        if self._index is None or self._index[:2] != (w_lo, w_hi):
+            window.drop_before(w_lo)
+            window.ensure(w_hi)
+            self._index = (w_lo, w_hi, *window.chunks(w_lo, w_hi))
+        _, _, starts, parts = self._index
+        sources = plan.batch_sources(lo, hi)
+        which = np.searchsorted(starts, sources, side="right") - 1
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(which)) + 1, [len(sources)]])
         given = buffers or {}
-        numeric = {**empty_like_rows([s for s in specs if s.name not in given], hi - lo), **given}
+        out = {**empty_like_rows([s for s in specs if s.name not in given], hi - lo), **given}
         others: dict[str, list] = {s.name: [] for s in specs if not s.numeric}
-        for b in range(lo // size, (hi - 1) // size + 1):
-            b_lo, b_hi = plan.block_bounds(b)
-            if self._block is None or self._block[0] != b:
-                window.ensure(b_hi)
-                parts = window.rows(b_lo, b_hi)
-                target = {k: v[: b_hi - b_lo] for k, v in self._block_buffer.items()} if len(parts) > 1 else None
-                self._block = (b, concat_rows(parts, specs, target))
-                window.drop_before(b_hi)
-            s_lo, s_hi = max(lo, b_lo) - lo, min(hi, b_hi) - lo
-            taken = take_rows(self._block[1], sources[s_lo:s_hi] - b_lo, specs,
-                              out={k: v[s_lo:s_hi] for k, v in numeric.items()})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            arrays, first, _ = parts[which[a]]
+            rows = sources[a:b] - starts[which[a]] + first
+            taken = take_rows(arrays, rows, specs, out={k: v[a:b] for k, v in out.items()})
             for name in others:
                 others[name].append(taken[name])
-        arrays = dict(numeric)
-        arrays.update({name: pa.concat_arrays(parts) for name, parts in others.items()})
-        return arrays
+        out.update({name: pa.concat_arrays(pieces) for name, pieces in others.items()})
+        return out

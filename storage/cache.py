@@ -281,7 +281,8 @@ class ShardCacheFileSystem(ChainedFileSystem):
         """A shard decoded into an Arrow table (``held.table``); release it when done.
 
         With ``decoded=True`` the table is memory-mapped from an uncompressed local copy
-        (zero copies, no decompression); that copy is made on the first read.
+        of one record batch (zero copies, no decompression, one array per column); that
+        copy is made on the first read.
         """
         path = self._target(path)
         if not self.decoded:
@@ -299,7 +300,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
             with self.hold(path, entry) as source:
                 table = formats.get(shard_format).decode(pa.py_buffer(source.buffer))
                 was_local = source.local
-            if self._store(expected.key, formats.get("arrow").encode(table, "none", None)):
+            if self._store(expected.key, _decoded_ipc(table)):
                 self.cache.discard(_content_key(entry.hash))  # the compressed copy is not read again
             held = Held(None, local=was_local)
             held.table = table
@@ -351,6 +352,14 @@ class ShardCacheFileSystem(ChainedFileSystem):
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self.fs.makedirs(self._target(path), exist_ok=exist_ok)
+
+
+def _decoded_ipc(table: pa.Table) -> pa.Buffer:
+    """An uncompressed IPC file of one record batch: each column maps as one array."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks(), max_chunksize=max(1, table.num_rows))
+    return sink.getvalue()
 
 
 def _content_key(digest: str) -> str:

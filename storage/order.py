@@ -21,7 +21,12 @@ An epoch, step by step:
 5. **Block shuffle.** Within a stream, rows are permuted inside consecutive windows of
    ``block_size`` rows: a bounded in-memory shuffle that a reader can replay from any
    batch on.
-6. **Batches.** A stream's batches are consecutive runs of its shuffled rows.
+6. **Batches.** A stream's batches are consecutive runs of its shuffled rows. Inside a
+   batch, rows come in stream order: the shuffle decides which rows share a batch, and
+   their order within it carries nothing for training, while stream order lets a reader
+   copy each shard's rows of the batch with a single ``take`` and no staging copy.
+   (Data stored sorted by label gives label-sorted rows within a batch: do not split a
+   batch into micro-batches by position then.)
 
 A ``DataLoader`` takes items round-robin from its workers, so worker ``w`` serves stream
 ``(w + k) % W`` when the epoch resumes after ``k`` batches: the rank's batches then come
@@ -192,7 +197,7 @@ class StreamPlan:
     batch_ids: np.ndarray  # the rank-level index of each of this stream's batches
     sizes: np.ndarray  # rows in each of those batches
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return int(self.sizes.sum())
 
@@ -205,7 +210,7 @@ class StreamPlan:
     def span_ends(self) -> np.ndarray:
         return np.cumsum([s.rows for s in self.spans]).astype(np.int64)
 
-    @property
+    @cached_property
     def shuffled(self) -> bool:
         return get_shuffle(self.spec.shuffle).block_order is not None
 
@@ -230,6 +235,11 @@ class StreamPlan:
             parts.append(b_lo + perm[max(lo, b_lo) - b_lo: min(hi, b_hi) - b_lo])
         return np.concatenate(parts)
 
+    def batch_sources(self, lo: int, hi: int) -> np.ndarray:
+        """Unshuffled stream positions of the batch at ``[lo, hi)``, in stream order."""
+        positions = self.source_positions(lo, hi)
+        return np.sort(positions) if self.shuffled else positions
+
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(span index, row within the span)`` of unshuffled stream positions."""
         ends = self.span_ends
@@ -238,8 +248,8 @@ class StreamPlan:
         return span, positions - starts[span]
 
     def sample_ids(self, lo: int, hi: int, shard_offsets: np.ndarray) -> np.ndarray:
-        """Split-wide sample ids (row number in manifest order) at shuffled positions ``[lo, hi)``."""
-        span, row = self.locate(self.source_positions(lo, hi))
+        """Split-wide sample ids (row number in manifest order) of the batch at ``[lo, hi)``."""
+        span, row = self.locate(self.batch_sources(lo, hi))
         shard = np.array([s.shard for s in self.spans], dtype=np.int64)[span]
         first = np.array([s.start for s in self.spans], dtype=np.int64)[span]
         return shard_offsets[shard] + first + row

@@ -59,6 +59,7 @@ class PrefetchStats:
     bytes_in_flight_mean: float = 0.0
     bytes_fetched: float = 0.0
     samples: int = 0
+    flight_samples: int = 0
     tuning: list[tuple[int, int, int, float]] = field(default_factory=list)  # (step, depth, shard_depth, share)
 
     @property
@@ -93,7 +94,8 @@ class _Queue:
             if self.stopped:
                 return False
             self.items.append(item)
-            self.cond.notify_all()
+            if len(self.items) == 1:  # the consumer may be waiting
+                self.cond.notify_all()
             return True
 
     def get(self):
@@ -101,7 +103,8 @@ class _Queue:
             while not self.items:
                 self.cond.wait()
             item = self.items.popleft()
-            self.cond.notify_all()
+            if len(self.items) == self.capacity - 1:  # the producer may be waiting
+                self.cond.notify_all()
             return item
 
     def stop(self) -> None:
@@ -207,6 +210,8 @@ class Prefetcher:
             self.stats.elapsed_s = time.perf_counter() - began
             queue.stop()
             producer.join(timeout=30)
+            if self.stats.steps:
+                self._record(0.0, {}, counters, base, final=True)
 
     # ------------------------------------------------------------------ internals
 
@@ -243,19 +248,21 @@ class Prefetcher:
             if close is not None:
                 close()
 
-    def _record(self, stall: float, batch: dict, counters, base) -> None:
+    def _record(self, stall: float, batch: dict, counters, base, final: bool = False) -> None:
         stats = self.stats
-        stats.steps += 1
-        stats.stall_s += stall
-        stats.step_stall_s.append(stall)
-        first = next(iter(batch.values()), None)
-        stats.samples += int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 0
-        if counters is not None:
+        if not final:
+            stats.steps += 1
+            stats.stall_s += stall
+            stats.step_stall_s.append(stall)
+            first = next(iter(batch.values()), None)
+            stats.samples += int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 0
+        if counters is not None and (final or stats.steps % 8 == 1):  # sampled: cheap, not free
             now = counters.total()
             reads = (now["hits"] - base["hits"]) + (now["misses"] - base["misses"])
             stats.hit_rate = (now["hits"] - base["hits"]) / reads if reads else stats.hit_rate
             stats.bytes_in_flight = now["bytes_in_flight"]
-            stats.bytes_in_flight_mean += (now["bytes_in_flight"] - stats.bytes_in_flight_mean) / stats.steps
+            stats.flight_samples += 1
+            stats.bytes_in_flight_mean += (now["bytes_in_flight"] - stats.bytes_in_flight_mean) / stats.flight_samples
             stats.bytes_fetched = now["bytes_fetched"] - base["bytes_fetched"]
 
     def _tune(self, share: float, queue: _Queue) -> None:
