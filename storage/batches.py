@@ -142,14 +142,17 @@ class StreamReader:
         _, _, starts, parts = self._index
         sources = plan.batch_sources(lo, hi)
         which = np.searchsorted(starts, sources, side="right") - 1
-        cuts = np.concatenate([[0], np.flatnonzero(np.diff(which)) + 1, [len(sources)]])
-        given = buffers or {}
-        out = {**empty_like_rows([s for s in specs if s.name not in given], hi - lo), **given}
+        cuts = [0, *(np.flatnonzero(which[1:] != which[:-1]) + 1).tolist(), len(sources)]
+        out = buffers if buffers is not None else {}
+        if len(out) < len(specs):
+            out = {**empty_like_rows([s for s in specs if s.name not in out], hi - lo), **out}
         others: dict[str, list] = {s.name: [] for s in specs if not s.numeric}
+        single = len(cuts) == 2
         for a, b in zip(cuts[:-1], cuts[1:]):
-            arrays, first, _ = parts[which[a]]
-            rows = sources[a:b] - starts[which[a]] + first
-            taken = take_rows(arrays, rows, specs, out={k: v[a:b] for k, v in out.items()})
+            part = int(which[a])
+            arrays, first, _ = parts[part]
+            rows = sources[a:b] - (int(starts[part]) - first)
+            taken = take_rows(arrays, rows, specs, out=out if single else {k: v[a:b] for k, v in out.items()})
             for name in others:
                 others[name].append(taken[name])
         out.update({name: pa.concat_arrays(pieces) for name, pieces in others.items()})

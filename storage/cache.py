@@ -21,7 +21,8 @@ Options (storage options; the environment gives the defaults):
 ``cache_bytes``  ``$SWARM_CACHE_BYTES`` or 10GB (``512MiB``, ``2GB`` or a number)
 ``verify``       ``"always"`` (check every hit) or ``"fill"`` (check fills only)
 ``decoded``      also keep a decoded, uncompressed Arrow IPC copy of each shard, read
-                 memory-mapped with zero copies by :meth:`open_table` (see BENCHMARKS.md)
+                 memory-mapped with zero copies by :meth:`open_table` (see BENCHMARKS.md);
+                 unset, the reader decides (the loader: when the split fits half the budget)
 
 Every other option goes to the target filesystem, so the storage options of a plain
 ``s3://`` URL (``endpoint_url``, ``anon``…) work unchanged with ``shardcache::s3://``.
@@ -125,7 +126,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
 
     def __init__(self, target_protocol: str | None = None, target_options: dict | None = None, fs=None,
                  fo: str | None = None, cache_dir: str | None = None, cache_bytes: int | str | None = None,
-                 verify: str = "always", decoded: bool = False, wait_s: float = 2.0, **options: Any):
+                 verify: str = "always", decoded: bool | None = None, wait_s: float = 2.0, **options: Any):
         super().__init__()
         if fs is None:
             if not target_protocol:
@@ -143,7 +144,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
         budget = parse_bytes(cache_bytes, "shardcache cache_bytes")
         self.cache = CacheDir(cache_dir or os.environ.get(ENV_DIR) or DEFAULT_DIR, budget)
         self.verify = verify
-        self.decoded = bool(decoded)
+        self.decoded = None if decoded is None else bool(decoded)  # None: the reader decides
         self.wait_s = float(wait_s)
         self.stats = CacheStats()
         self._manifests: dict[str, dict[str, ShardEntry]] = {}
@@ -277,15 +278,15 @@ class ShardCacheFileSystem(ChainedFileSystem):
 
     # ------------------------------------------------------------------ tables (the loader's way in)
 
-    def open_table(self, path: str, entry: ShardEntry, shard_format: str) -> Held:
+    def open_table(self, path: str, entry: ShardEntry, shard_format: str, decoded: bool | None = None) -> Held:
         """A shard decoded into an Arrow table (``held.table``); release it when done.
 
-        With ``decoded=True`` the table is memory-mapped from an uncompressed local copy
-        of one record batch (zero copies, no decompression, one array per column); that
-        copy is made on the first read.
+        With the decoded tier (``decoded``, else the filesystem's option) the table is
+        memory-mapped from an uncompressed local copy of one record batch (zero copies,
+        no decompression, one array per column); that copy is made on the first read.
         """
         path = self._target(path)
-        if not self.decoded:
+        if not (self.decoded if decoded is None else decoded):
             held = self.hold(path, entry)
             held.table = formats.get(shard_format).decode(pa.py_buffer(held.buffer))
             return held
@@ -293,18 +294,16 @@ class ShardCacheFileSystem(ChainedFileSystem):
         held = self._decoded_hit(expected)
         if held is not None:
             return held
+        with self.hold(path, entry) as source:  # under its own fill lock: fill locks never nest
+            table = formats.get(shard_format).decode(pa.py_buffer(source.buffer))
+            was_local = source.local
         with self.cache.fill_lock(expected.key):
-            held = self._decoded_hit(expected)
-            if held is not None:
-                return held
-            with self.hold(path, entry) as source:
-                table = formats.get(shard_format).decode(pa.py_buffer(source.buffer))
-                was_local = source.local
-            if self._store(expected.key, _decoded_ipc(table)):
-                self.cache.discard(_content_key(entry.hash))  # the compressed copy is not read again
-            held = Held(None, local=was_local)
-            held.table = table
-            return held
+            if not os.path.exists(self.cache.data_path(expected.key)):  # else another process made it
+                if self._store(expected.key, _decoded_ipc(table)):
+                    self.cache.discard(_content_key(entry.hash))  # the compressed copy is not read again
+        held = Held(None, local=was_local)
+        held.table = table
+        return held
 
     def _decoded_hit(self, expected: _Expected) -> Held | None:
         held = self._hit(expected)

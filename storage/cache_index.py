@@ -156,7 +156,11 @@ class CacheDir:
 
     @contextmanager
     def fill_lock(self, key: str):
-        """Serialise fills of ``key`` across threads and processes (striped by key)."""
+        """Serialise fills of ``key`` across threads and processes (striped by key).
+
+        Never hold two: two keys may share a stripe, and a second flock on it would wait
+        for the first forever. The budget lock may be taken inside one.
+        """
         stripe = int(xxhash.xxh3_64_intdigest(key.encode()) % STRIPES)
         with _flocked(os.path.join(self.root, "locks", f"{stripe:03d}"), fcntl.LOCK_EX):
             yield

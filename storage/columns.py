@@ -118,7 +118,7 @@ def take_rows(arrays: dict, rows: np.ndarray, specs: list[ColumnSpec],
                 target = np.empty((len(rows), *spec.shape), dtype=spec.dtype)
             # mode="clip": with the default "raise", numpy stages ``out`` through a temporary
             # (half the speed); rows are in range by construction.
-            result[spec.name] = np.take(arrays[spec.name], rows, axis=0, out=target, mode="clip")
+            result[spec.name] = arrays[spec.name].take(rows, axis=0, out=target, mode="clip")
         else:
             result[spec.name] = arrays[spec.name].take(pa.array(rows))
     return result

@@ -108,7 +108,7 @@ class LoaderCounters:
         self._array = multiprocessing.RawArray("d", self.SLOTS * len(self.FIELDS))
 
     def _index(self, slot: int, field: str) -> int:
-        return (slot % self.SLOTS) * len(self.FIELDS) + self.FIELDS.index(field)
+        return (slot % self.SLOTS) * len(self.FIELDS) + _FIELD_INDEX[field]
 
     def add(self, slot: int, **values: float) -> None:
         for field, value in values.items():
@@ -127,3 +127,6 @@ class LoaderCounters:
 
     def reset(self) -> None:
         np.frombuffer(self._array, dtype=np.float64)[:] = 0.0
+
+
+_FIELD_INDEX = {field: i for i, field in enumerate(LoaderCounters.FIELDS)}

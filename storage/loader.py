@@ -50,7 +50,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 STATE_VERSION = 1
 #: Default shuffle window: about this many decoded bytes of rows (and at least 4 batches).
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 16 << 20
 Transform = Callable[[Any], Any]
 
 
@@ -64,7 +64,7 @@ class StreamingDataset(IterableDataset):
         seed: the order's seed, constant over a training run.
         shuffle: ``"block"`` (shards, then rows within a window; default), ``"shard"``
             (shard order only), ``"none"``; ``True``/``False`` mean ``"block"``/``"none"``.
-        block_size: rows in a shuffle window (default: ~64 MB of rows, at least 4 batches).
+        block_size: rows in a shuffle window (default: ~16 MB of rows, at least 4 batches).
         drop_last: leave out the tail that does not fill a batch on every rank, so all
             batches are full; otherwise every sample is read and a rank's last batch or
             two are smaller.
@@ -77,6 +77,9 @@ class StreamingDataset(IterableDataset):
         shard_depth: shard reads kept in flight per reader.
         index_key: if set, each batch also holds the split-wide sample ids under this key.
         verify: check shard hashes on direct (uncached) reads; cache fills always are.
+        decoded: keep and read the cache's decoded tier (memory-mapped, uncompressed Arrow):
+            ``"auto"`` (default) when the split's decoded bytes fit half the cache budget,
+            unless the storage options set ``decoded``; True; False.
     """
 
     def __init__(self, url: str, split: str = "train", batch_size: int = 256, *, seed: int = 0,
@@ -84,7 +87,7 @@ class StreamingDataset(IterableDataset):
                  columns: list[str] | None = None, transforms: dict[str, Transform] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  storage_options: dict[str, Any] | None = None, cache: bool | str = "auto", shard_depth: int = 4,
-                 index_key: str | None = None, verify: bool = False):
+                 index_key: str | None = None, verify: bool = False, decoded: bool | str = "auto"):
         super().__init__()
         if cache not in (True, False, "auto"):
             raise ConfigError(f"cache={cache!r} is not allowed; allowed: True, False, 'auto'")
@@ -109,6 +112,9 @@ class StreamingDataset(IterableDataset):
         self.batches_per_epoch = order.rank_batch_count(int(self.shard_rows.sum()), self.base_spec)
         self.shard_depth = shard_depth
         self.verify = verify
+        if decoded not in (True, False, "auto"):
+            raise ConfigError(f"decoded={decoded!r} is not allowed; allowed: True, False, 'auto'")
+        self.decoded = decoded
         self.epoch = 0
         self.consumed = 0  # batches yielded by in-process iteration of this epoch
         self._resume: dict | None = None
@@ -236,7 +242,7 @@ class StreamingDataset(IterableDataset):
         fmt = self.manifest.shard_format
         held = None
         if isinstance(fs, ShardCacheFileSystem):
-            held = fs.open_table(path, entry, fmt)
+            held = fs.open_table(path, entry, fmt, decoded=self._decoded_tier(fs))
             table = held.table
         elif is_local(fs) and not self.verify:
             table = formats.get(fmt).decode(pa.memory_map(path))
@@ -248,6 +254,15 @@ class StreamingDataset(IterableDataset):
         table = table.slice(span.start, span.rows)
         chunks = [(chunk_arrays(b, self.specs), b.num_rows) for b in table.to_batches() if b.num_rows]
         return Piece(chunks, held)
+
+    def _decoded_tier(self, fs: ShardCacheFileSystem) -> bool:
+        if self.decoded != "auto":
+            return bool(self.decoded)
+        if fs.decoded is not None:
+            return fs.decoded
+        # Decoded copies are larger than compressed ones: only where the split fits easily.
+        raw = sum(s.raw_bytes for s in self.shards)
+        return 0 < raw <= fs.cache.budget // 2
 
     def numpy_batches(self, consumed: int = 0, worker: int = 0, num_workers: int = 1,
                       out: BufferProvider | None = None, fetch_depth: Callable[[], int] | None = None

@@ -233,7 +233,7 @@ class StreamPlan:
             b_lo, b_hi = self.block_bounds(block)
             perm = _block_order(algo.name, b_hi - b_lo, (spec.seed, spec.epoch, spec.rank, self.stream, block))
             parts.append(b_lo + perm[max(lo, b_lo) - b_lo: min(hi, b_hi) - b_lo])
-        return np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def batch_sources(self, lo: int, hi: int) -> np.ndarray:
         """Unshuffled stream positions of the batch at ``[lo, hi)``, in stream order."""

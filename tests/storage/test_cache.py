@@ -216,6 +216,21 @@ def test_decoded_tier_serves_memory_mapped_tables(images, cache_opts):
         assert again.table.equals(expected) and again.local and again.pinned is not None
 
 
+def test_decoded_fills_never_nest_fill_locks(images, cache_opts, monkeypatch):
+    """With one stripe every key shares a fill lock: a nested lock would wait forever."""
+    from storage import cache_index
+
+    monkeypatch.setattr(cache_index, "STRIPES", 1)
+    fs, root = _cache(images.url, cache_opts, decoded=True)
+    entry = images.dataset.shards("train")[2]
+    done = []
+    worker = threading.Thread(target=lambda: done.append(fs.open_table(f"{root}/{entry.name}", entry, "arrow")),
+                              daemon=True)
+    worker.start()
+    worker.join(20)
+    assert done and done[0].table.num_rows == entry.rows
+
+
 def test_s3_through_the_loopback_server(s3, bucket, cache_opts):
     url = f"s3://{bucket}/ds"
     stage("synthetic-image?rows=600&size=4", url, shard_size="8KB", storage_options=s3.storage_options)

@@ -24,11 +24,11 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("cache,decoded", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("shuffle", sorted(order.SHUFFLES))
-def test_batches_follow_the_order_and_hold_the_right_rows(images, cache_opts, shuffle, cache):
+def test_batches_follow_the_order_and_hold_the_right_rows(images, cache_opts, shuffle, cache, decoded):
     ds = StreamingDataset(images.url, batch_size=50, shuffle=shuffle, block_size=300, index_key="idx",
-                          cache=cache, storage_options=cache_opts if cache else None)
+                          cache=cache, storage_options=cache_opts if cache else None, decoded=decoded)
     batches = list(ds)
     rows = images.rows("train")
     assert len(batches) == len(ds) == -(-rows.num_rows // 50)
