@@ -290,17 +290,23 @@ class ShardCacheFileSystem(ChainedFileSystem):
             held = self.hold(path, entry)
             held.table = formats.get(shard_format).decode(pa.py_buffer(held.buffer))
             return held
-        expected = _Expected(_content_key(entry.hash) + "-ipc", entry.name, None, None)
-        held = self._decoded_hit(expected)
+        decoded_key = _Expected(_content_key(entry.hash) + "-ipc", entry.name, None, None)
+        held = self._decoded_hit(decoded_key)
         if held is not None:
             return held
-        with self.hold(path, entry) as source:  # under its own fill lock: fill locks never nest
-            table = formats.get(shard_format).decode(pa.py_buffer(source.buffer))
-            was_local = source.local
-        with self.cache.fill_lock(expected.key):
-            if not os.path.exists(self.cache.data_path(expected.key)):  # else another process made it
-                if self._store(expected.key, _decoded_ipc(table)):
-                    self.cache.discard(_content_key(entry.hash))  # the compressed copy is not read again
+        with self.cache.fill_lock(decoded_key.key):
+            held = self._decoded_hit(decoded_key)  # another process may have made it meanwhile
+            if held is not None:
+                return held
+            # The decoded copy replaces the compressed one: a fetched shard is not stored
+            # compressed, and a compressed copy already here goes once it is decoded.
+            expected = self._expected(path, entry)
+            source = self._hit(expected) or Held(self._fetch_verified(path, expected))
+            with source:
+                table = formats.get(shard_format).decode(pa.py_buffer(source.buffer))
+                was_local = source.local
+            if self._store(decoded_key.key, _decoded_ipc(table)) and was_local:
+                self.cache.discard(expected.key)
         held = Held(None, local=was_local)
         held.table = table
         return held
@@ -356,8 +362,10 @@ class ShardCacheFileSystem(ChainedFileSystem):
 def _decoded_ipc(table: pa.Table) -> pa.Buffer:
     """An uncompressed IPC file of one record batch: each column maps as one array."""
     sink = pa.BufferOutputStream()
+    if any(col.num_chunks > 1 for col in table.columns):
+        table = table.combine_chunks()
     with ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table.combine_chunks(), max_chunksize=max(1, table.num_rows))
+        writer.write_table(table, max_chunksize=max(1, table.num_rows))
     return sink.getvalue()
 
 

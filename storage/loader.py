@@ -195,7 +195,8 @@ class StreamingDataset(IterableDataset):
         if not 0 <= int(state["batches"]) <= len(self):
             raise ConfigError(f"loader state has batches={state['batches']!r}; allowed: 0..{len(self)}")
         self.epoch = int(state["epoch"])
-        self._resume = {"epoch": self.epoch, "batches": int(state["batches"]), "num_workers": int(state["num_workers"])}
+        self._resume = {"epoch": self.epoch, "batches": int(state["batches"]),
+                        "num_workers": int(state.get("num_workers", 1))}
         self.consumed = int(state["batches"])
 
     def resume_offset(self, num_workers: int = 1) -> int:
