@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from multiprocessing.context import get_spawning_popen
 from typing import Any, Callable, Iterator
 
@@ -120,6 +122,8 @@ class StreamingDataset(IterableDataset):
         self._resume: dict | None = None
         self._counters: LoaderCounters | None = LoaderCounters()  # before any worker forks
         self._fs_pid: int | None = None
+        self._preloaded: dict[tuple[int, Span], Future] = {}
+        self._preload_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -233,10 +237,37 @@ class StreamingDataset(IterableDataset):
             self._root = root.rstrip("/")
             if isinstance(self._fs, ShardCacheFileSystem):
                 self._fs.register_manifest(self._root, self.manifest)
+            self._cache_delta = _CacheDelta(self._fs)  # per process: preloads count in the next epoch
             self._fs_pid = os.getpid()
         return self._fs
 
-    def _read_span(self, span: Span) -> Piece:
+    def preload(self, epoch: int) -> None:
+        """Start reading the first shuffle window of ``epoch`` (in-process iteration only).
+
+        The prefetcher calls this when the current epoch's last batch is made, so the next
+        epoch starts without waiting for its first shards.
+        """
+        plan = order.plan_stream(self.shard_rows, OrderSpec(**{**self.base_spec.__dict__, "epoch": epoch}), 0)
+        if not plan.spans:
+            return
+        window_end = plan.block_bounds(0)[1] if plan.shuffled else int(plan.offsets[1])
+        count = int(np.searchsorted(plan.span_ends, window_end, side="left")) + 1
+        if self._preload_pool is None:
+            self._preload_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="swarm-preload")
+        for span in plan.spans[:count]:
+            self._preloaded[(epoch, span)] = self._preload_pool.submit(self._read_span_now, span)
+
+    def _drop_preloaded(self, keep_epoch: int | None) -> None:
+        for key in [k for k in self._preloaded if k[0] != keep_epoch]:
+            future = self._preloaded.pop(key, None)
+            if future is not None and not future.cancel():
+                future.add_done_callback(lambda f: f.exception() is None and f.result().release())
+
+    def _read_span(self, span: Span, epoch: int | None = None) -> Piece:
+        future = self._preloaded.pop((epoch, span), None) if self._preloaded else None
+        return future.result() if future is not None else self._read_span_now(span)
+
+    def _read_span_now(self, span: Span) -> Piece:
         fs = self._filesystem()
         entry = self.shards[span.shard]
         path = f"{self._root}/{entry.name}"
@@ -275,15 +306,18 @@ class StreamingDataset(IterableDataset):
         """
         plan = order.plan_stream(self.shard_rows, self.spec(num_workers),
                                  order.stream_for_worker(worker, num_workers, consumed))
-        counters, cache_stats = self.counters(), _CacheDelta(self._filesystem())
+        self._filesystem()
+        counters, cache_stats = self.counters(), self._cache_delta
 
         def report(fetcher) -> None:
             counters.add(worker, batches=1, fetch_wait_s=fetcher.wait_s, **cache_stats.delta())
             counters.set(worker, bytes_in_flight=fetcher.bytes_in_flight)
             fetcher.wait_s = 0.0
 
-        reader = StreamReader(plan, self._read_span, lambda span: self.shards[span.shard].bytes, self.specs,
-                              depth=self.shard_depth, fetch_depth=fetch_depth, on_batch=report)
+        epoch = self.epoch
+        self._drop_preloaded(keep_epoch=epoch)
+        reader = StreamReader(plan, partial(self._read_span, epoch=epoch), lambda span: self.shards[span.shard].bytes,
+                              self.specs, depth=self.shard_depth, fetch_depth=fetch_depth, on_batch=report)
         try:
             for lo, hi, arrays in reader.batches(plan.first_batch(consumed), out):
                 if self.index_key:
@@ -291,6 +325,7 @@ class StreamingDataset(IterableDataset):
                 yield arrays
         finally:
             counters.set(worker, bytes_in_flight=0)
+            self._drop_preloaded(keep_epoch=epoch + 1)  # a resumed epoch may not have used them
 
     def finish(self, arrays: dict[str, Any]) -> dict[str, Any]:
         """Apply the column transforms and make tensors (no copy for numpy arrays)."""
@@ -318,9 +353,10 @@ class StreamingDataset(IterableDataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_fs", "_root"):
+        for key in ("_fs", "_root", "_cache_delta"):
             state.pop(key, None)
         state["_fs_pid"] = None
+        state["_preloaded"], state["_preload_pool"] = {}, None
         if get_spawning_popen() is None:  # shared counters only travel to worker processes
             state["_counters"] = None
         return state

@@ -19,6 +19,9 @@ Three stages run ahead of the training loop, each bounded:
    overlaps the step's kernels; the consumer's stream waits on the copy's event.
    Without CUDA the same pipeline overlaps reading and decoding with compute.
 
+When an epoch's last batch is made, the first shards of the next epoch (``epoch + 1``,
+its order being a pure function) start reading, so an epoch does not begin with a wait.
+
 ``depth`` batches wait ready. The consumer's wait for each batch is the step's
 *data stall*; :attr:`stats` has it per step, with the cache hit rate and the shard
 bytes in flight. With ``stall_target`` (a share of wall time, e.g. 0.05) the depths
@@ -240,6 +243,8 @@ class Prefetcher:
                 if not queue.put(item):
                     break
             else:
+                if self.dataset is not None and self.num_workers == 0:
+                    self.dataset.preload(self.dataset.epoch + 1)  # the usual next epoch
                 queue.put(_END)
         except BaseException as exc:  # handed to the consumer, raised there
             queue.put(exc)

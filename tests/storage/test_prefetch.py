@@ -88,3 +88,16 @@ def test_batches_arrive_on_the_device_intact(images):
     device = list(Prefetcher(ds, device="cuda", depth=3))
     assert all(b["image"].is_cuda for b in device)
     assert all(torch.equal(h["image"], d["image"].cpu()) for h, d in zip(host, device))
+
+
+def test_the_next_epochs_first_shards_are_read_ahead(images):
+    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", block_size=200)
+    loader = Prefetcher(ds)
+    list(loader)
+    assert ds._preloaded and {epoch for epoch, _ in ds._preloaded} == {1}
+    for epoch in (3, 1):  # an unexpected epoch drops what was read ahead; the order holds either way
+        loader.set_epoch(epoch)
+        ids = [b["idx"].numpy() for b in loader]
+        expected = order.rank_batches(ds.shard_rows, ds.spec(1))
+        assert all(np.array_equal(a, b) for a, b in zip(ids, expected)) and len(ids) == len(expected)
+    assert {epoch for epoch, _ in ds._preloaded} == {2}
