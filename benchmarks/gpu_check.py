@@ -1,0 +1,180 @@
+"""GPU checks: what only a CUDA machine can show, in one command and one table.
+
+    python benchmarks/gpu_check.py               # ~1 minute on a GPU machine
+    python benchmarks/gpu_check.py --rows 50000  # quicker
+
+Sections (each a function in ``CHECKS``; add one with ``@check``):
+
+* ``h2d_copy``: host-to-device bandwidth from pinned and from pageable memory, and how
+  much of a pinned copy on a side stream hides behind kernels on the default stream
+  (``overlap`` 1.0 = fully hidden, 0 = serialised).
+* ``loader_to_gpu``: the streaming loader through the prefetcher (pinned ring, side-stream
+  copies) into device tensors: samples/s and GB/s alone, then with a GPU step per batch
+  as long as the load time per batch: total time against ``max(load, compute)`` and the
+  data-stall share.
+
+Without a CUDA device it says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+@dataclass
+class Row:
+    section: str
+    metric: str
+    value: float
+    unit: str = ""
+    note: str = ""
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    work: Path
+    device: torch.device
+
+
+Check = Callable[[Context], list[Row]]
+CHECKS: list[Check] = []
+
+
+def check(fn: Check) -> Check:
+    """Add a section to the run (training and inference add theirs the same way)."""
+    CHECKS.append(fn)
+    return fn
+
+
+def _timed(fn, device) -> float:
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _calibrated_kernel(device, seconds: float):
+    """A default-stream kernel workload lasting about ``seconds``."""
+    a = torch.randn(2048, 2048, device=device)
+    once = min(_timed(lambda: a @ a, device) for _ in range(5))
+    reps = max(1, round(seconds / max(once, 1e-6)))
+
+    def run():
+        for _ in range(reps):
+            a @ a
+
+    return run
+
+
+@check
+def h2d_copy(ctx: Context) -> list[Row]:
+    device, size = ctx.device, ctx.args.copy_mb << 20
+    pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(size, dtype=torch.uint8)
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    copy_pinned = min(_timed(lambda: target.copy_(pinned, non_blocking=True), device) for _ in range(5))
+    copy_pageable = min(_timed(lambda: target.copy_(pageable), device) for _ in range(3))
+    kernel = _calibrated_kernel(device, copy_pinned)
+    kernel_s = min(_timed(kernel, device) for _ in range(3))
+    side = torch.cuda.Stream(device=device)
+
+    def both():
+        with torch.cuda.stream(side):
+            target.copy_(pinned, non_blocking=True)
+        kernel()
+
+    both_s = min(_timed(both, device) for _ in range(5))
+    hidden = (copy_pinned + kernel_s - both_s) / min(copy_pinned, kernel_s)
+    return [
+        Row("h2d_copy", "pinned bandwidth", size / copy_pinned / 1e9, "GB/s", f"{ctx.args.copy_mb} MiB"),
+        Row("h2d_copy", "pageable bandwidth", size / copy_pageable / 1e9, "GB/s"),
+        Row("h2d_copy", "copy alone", copy_pinned * 1e3, "ms"),
+        Row("h2d_copy", "kernels alone", kernel_s * 1e3, "ms", "default stream"),
+        Row("h2d_copy", "copy + kernels", both_s * 1e3, "ms", "copy on a side stream"),
+        Row("h2d_copy", "overlap", max(0.0, min(1.0, hidden)), "", "1.0 = copy fully hidden"),
+    ]
+
+
+@check
+def loader_to_gpu(ctx: Context) -> list[Row]:
+    from loader_bench import stage  # noqa: PLC0415 - benchmarks/ is this script's folder
+
+    from storage.loader import StreamingDataset
+    from storage.prefetch import Prefetcher
+
+    args, device = ctx.args, ctx.device
+    url = str(ctx.work / "images")
+    stage(f"synthetic-image?rows={args.rows}&size=32", url, {}, "16MB")
+    ds = StreamingDataset(url, batch_size=args.batch_size, cache=True,
+                          storage_options={"cache_dir": str(ctx.work / "cache")})
+    for _ in Prefetcher(ds, device=device):  # fills the node cache
+        pass
+
+    def epoch(step=None) -> tuple[float, Prefetcher, int]:
+        loader = Prefetcher(ds, device=device, depth=4, stall_target=0.05)
+        moved = 0
+        start = time.perf_counter()
+        for batch in loader:
+            moved += sum(t.numel() * t.element_size() for t in batch.values())
+            if step is not None:
+                step()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, loader, moved
+
+    load_s, loader, moved = min((epoch() for _ in range(3)), key=lambda r: r[0])
+    kernel = _calibrated_kernel(device, load_s / len(ds))
+    compute_s = min(_timed(lambda: [kernel() for _ in range(len(ds))], device) for _ in range(2))
+    total_s, with_compute, _ = epoch(kernel)
+    return [
+        Row("loader_to_gpu", "samples/s", loader.stats.samples / load_s, "", f"batch {args.batch_size}, warm cache"),
+        Row("loader_to_gpu", "to device", moved / load_s / 1e9, "GB/s"),
+        Row("loader_to_gpu", "stall share, alone", loader.stats.stall_share),
+        Row("loader_to_gpu", "load / compute", load_s / compute_s, "", "compute = a GPU step per batch"),
+        Row("loader_to_gpu", "overlap_vs_ideal", total_s / max(load_s, compute_s), "", "target <= 1.1"),
+        Row("loader_to_gpu", "stall share, with compute", with_compute.stats.stall_share, "", "target <= 0.05"),
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'section':<16} {'metric':<28} {'value':>12} {'unit':<6} note")
+    for r in rows:
+        print(f"{r.section:<16} {r.metric:<28} {r.value:>12.3f} {r.unit:<6} {r.note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--copy-mb", type=int, default=256)
+    parser.add_argument("--only", nargs="*", help="run only these sections")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False; torch "
+              f"{torch.__version__}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.",
+              file=sys.stderr)
+        return 2
+    ctx = Context(args, Path(tempfile.mkdtemp(prefix="gpu-check-")), torch.device("cuda"))
+    print(f"device: {torch.cuda.get_device_name(ctx.device)}, torch {torch.__version__}")
+    rows: list[Row] = []
+    for fn in CHECKS:
+        if args.only and fn.__name__ not in args.only:
+            continue
+        rows.extend(fn(ctx))
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""One loader stream's batches, gathered from the shards its plan names.
+
+:class:`StreamReader` walks a :class:`~storage.order.StreamPlan`: shard spans are read
+ahead in plan order (a :class:`~storage.fetcher.ShardFetcher`), kept while a batch or
+shuffle window still needs them, and dropped after. Without a row shuffle a batch is a
+run of consecutive rows: a zero-copy view when it lies inside one record batch, else one
+concatenation. With the block shuffle, every span of the current shuffle window stays
+resident and a batch's rows (in stream order, see :mod:`storage.order`) are copied with
+one ``take`` per record batch they come from, straight into the caller's buffers when it
+supplies them (pinned memory on CUDA): one copy per row, no staging of the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from storage.columns import ColumnSpec, concat_rows, empty_like_rows, take_rows
+from storage.fetcher import ShardFetcher
+from storage.order import Span, StreamPlan
+
+BufferProvider = Callable[[int], "dict[str, np.ndarray] | None"]
+
+
+@dataclass
+class Piece:
+    """The rows of one span, as record-batch chunks of column arrays."""
+
+    chunks: list[tuple[dict, int]]  # (arrays, rows)
+    held: Any = None  # what keeps the cached shard from eviction meanwhile
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+            self.held = None
+
+
+@dataclass
+class _Window:
+    """The spans of a stream made resident in order, and dropped once passed."""
+
+    plan: StreamPlan
+    next_span: int
+    fetcher: ShardFetcher
+    resident: dict[int, Piece] = field(default_factory=dict)
+
+    def ensure(self, hi: int) -> None:
+        ends = self.plan.span_ends
+        while self.next_span < len(ends) and (self.next_span == 0 or ends[self.next_span - 1] < hi):
+            self.resident[self.next_span] = next(self.fetcher)
+            self.next_span += 1
+
+    def rows(self, lo: int, hi: int) -> list[tuple[dict, int, int]]:
+        ends = self.plan.span_ends
+        parts = []
+        for index in sorted(self.resident):
+            start = int(ends[index]) - self.plan.spans[index].rows
+            if start >= hi or ends[index] <= lo:
+                continue
+            for arrays, rows in self.resident[index].chunks:
+                a, b = max(lo, start), min(hi, start + rows)
+                if b > a:
+                    parts.append((arrays, a - start, b - start))
+                start += rows
+        return parts
+
+    def chunks(self, lo: int, hi: int) -> tuple[np.ndarray, list[tuple[dict, int, int]]]:
+        """The record-batch pieces covering ``[lo, hi)`` and the stream position each starts at."""
+        parts = self.rows(lo, hi)
+        starts = np.cumsum([lo] + [b - a for _, a, b in parts[:-1]]).astype(np.int64)
+        return starts, parts
+
+    def drop_before(self, position: int) -> None:
+        ends = self.plan.span_ends
+        for index in [i for i in self.resident if ends[i] <= position]:
+            self.resident.pop(index).release()
+
+    def close(self) -> None:
+        self.fetcher.close()
+        for piece in self.resident.values():
+            piece.release()
+        self.resident.clear()
+
+
+class StreamReader:
+    """The batches of one stream plan, read through ``read_span``."""
+
+    def __init__(self, plan: StreamPlan, read_span: Callable[[Span], Piece], span_bytes: Callable[[Span], int],
+                 specs: list[ColumnSpec], depth: int = 4, fetch_depth: Callable[[], int] | None = None,
+                 on_batch: Callable[[ShardFetcher], None] | None = None):
+        self.plan, self.read_span, self.span_bytes, self.specs = plan, read_span, span_bytes, specs
+        self.fetch_depth, self.on_batch = fetch_depth, on_batch
+        # A shuffle window's spans are all needed at once: read the next window's meanwhile.
+        self.depth = max(depth, self.spans_per_block() + 1) if plan.shuffled else depth
+
+    def spans_per_block(self) -> int:
+        rows = [s.rows for s in self.plan.spans]
+        return -(-self.plan.spec.block_size // max(1, int(np.mean(rows)))) + 1 if rows else 1
+
+    def batches(self, first: int, out: BufferProvider | None = None) -> Iterator[tuple[int, int, dict]]:
+        """``(lo, hi, arrays)`` for the stream's batches from index ``first`` on."""
+        plan = self.plan
+        if first >= len(plan.sizes):
+            return
+        offsets, size = plan.offsets, plan.spec.block_size
+        start = int(offsets[first]) // size * size if plan.shuffled else int(offsets[first])
+        first_span = int(np.searchsorted(plan.span_ends, start, side="right"))
+        fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], depth=self.depth, size=self.span_bytes)
+        window = _Window(plan, first_span, fetcher)
+        self._index: tuple[int, int, np.ndarray, list] | None = None
+        try:
+            for i in range(first, len(plan.sizes)):
+                if self.fetch_depth is not None:
+                    fetcher.depth = max(self.fetch_depth(), self.depth)
+                lo, hi = int(offsets[i]), int(offsets[i + 1])
+                buffers = out(hi - lo) if out is not None else None
+                if plan.shuffled:
+                    arrays = self._gather(window, lo, hi, buffers)
+                else:
+                    window.ensure(hi)
+                    arrays = concat_rows(window.rows(lo, hi), self.specs, buffers)
+                    window.drop_before(hi)
+                if self.on_batch is not None:
+                    self.on_batch(fetcher)
+                yield lo, hi, arrays
+        finally:
+            self._index = None
+            window.close()
+
+    def _gather(self, window: _Window, lo: int, hi: int, buffers) -> dict:
+        """The batch at shuffled positions ``[lo, hi)``: a take per record batch its rows are in."""
+        plan, specs = self.plan, self.specs
+        size = plan.spec.block_size
+        w_lo, w_hi = plan.block_bounds(lo // size)[0], plan.block_bounds((hi - 1) // size)[1]
+        if self._index is None or self._index[:2] != (w_lo, w_hi):
+            window.drop_before(w_lo)
+            window.ensure(w_hi)
+            self._index = (w_lo, w_hi, *window.chunks(w_lo, w_hi))
+        _, _, starts, parts = self._index
+        sources = plan.batch_sources(lo, hi)
+        which = np.searchsorted(starts, sources, side="right") - 1
+        cuts = [0, *(np.flatnonzero(which[1:] != which[:-1]) + 1).tolist(), len(sources)]
+        out = buffers if buffers is not None else {}
+        if len(out) < len(specs):
+            out = {**empty_like_rows([s for s in specs if s.name not in out], hi - lo), **out}
+        others: dict[str, list] = {s.name: [] for s in specs if not s.numeric}
+        single = len(cuts) == 2
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            part = int(which[a])
+            arrays, first, _ = parts[part]
+            rows = sources[a:b] - (int(starts[part]) - first)
+            taken = take_rows(arrays, rows, specs, out=out if single else {k: v[a:b] for k, v in out.items()})
+            for name in others:
+                others[name].append(taken[name])
+        out.update({name: pa.concat_arrays(pieces) for name, pieces in others.items()})
+        return out

@@ -1,0 +1,376 @@
+"""Batches ready on the device before the training step asks for them.
+
+    loader = Prefetcher(ds, device="cuda", depth=2, stall_target=0.05)
+    loader.load_state_dict(checkpoint["data"])           # optional: resume mid-epoch
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:                             # dicts of device tensors
+            step(batch)
+            checkpoint["data"] = loader.state_dict()
+        log(loader.stats.as_dict())                       # stall share, hit rate, …
+
+Three stages run ahead of the training loop, each bounded:
+
+1. **Shard reads.** The reader knows the epoch's future shard order and keeps
+   ``shard_depth`` reads (fetch through the node cache, verify, decode) in flight.
+2. **Batches.** A producer thread gathers batches, on CUDA straight into reusable
+   pinned host buffers (a ring; a buffer is reused once its copy has completed).
+3. **Device copies.** On CUDA each batch is copied on a side stream, so the copy
+   overlaps the step's kernels; the consumer's stream waits on the copy's event.
+   Without CUDA the same pipeline overlaps reading and decoding with compute.
+
+When an epoch's last batch is made, the first shards of the next epoch (``epoch + 1``,
+its order being a pure function) start reading, so an epoch does not begin with a wait.
+
+``depth`` batches wait ready. The consumer's wait for each batch is the step's
+*data stall*; :attr:`stats` has it per step, with the cache hit rate and the shard
+bytes in flight. With ``stall_target`` (a share of wall time, e.g. 0.05) the depths
+grow while the measured stall share is above it.
+
+With ``num_workers > 0`` batches come from a ``DataLoader`` of that many worker
+processes (each with its own shard reads); the order then depends on that number.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from storage.errors import ConfigError
+from storage.fetcher import MAX_DEPTH
+
+_END = object()
+
+
+@dataclass
+class PrefetchStats:
+    """What the consumer saw: per-step data stall and the reads behind it."""
+
+    steps: int = 0
+    stall_s: float = 0.0
+    elapsed_s: float = 0.0
+    step_stall_s: list[float] = field(default_factory=list)
+    depth: int = 0
+    shard_depth: int = 0
+    hit_rate: float | None = None
+    bytes_in_flight: float = 0.0  # shard bytes being read when the last batch was handed out
+    bytes_in_flight_mean: float = 0.0
+    bytes_fetched: float = 0.0
+    samples: int = 0
+    flight_samples: int = 0
+    tuning: list[tuple[int, int, int, float]] = field(default_factory=list)  # (step, depth, shard_depth, share)
+
+    @property
+    def stall_share(self) -> float:
+        """Share of the iteration's wall time the consumer spent waiting for data."""
+        return self.stall_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "samples": self.samples, "stall_s": round(self.stall_s, 4),
+            "elapsed_s": round(self.elapsed_s, 4), "stall_share": round(self.stall_share, 4),
+            "depth": self.depth, "shard_depth": self.shard_depth,
+            "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 4),
+            "bytes_in_flight": int(self.bytes_in_flight), "bytes_in_flight_mean": int(self.bytes_in_flight_mean),
+            "bytes_fetched": int(self.bytes_fetched),
+        }
+
+
+class _Queue:
+    """A bounded FIFO whose bound can change while it is in use."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.items: deque = deque()
+        self.cond = threading.Condition()
+        self.stopped = False
+
+    def put(self, item) -> bool:
+        with self.cond:
+            while len(self.items) >= self.capacity and not self.stopped:
+                self.cond.wait()
+            if self.stopped:
+                return False
+            self.items.append(item)
+            if len(self.items) == 1:  # the consumer may be waiting
+                self.cond.notify_all()
+            return True
+
+    def get(self):
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item = self.items.popleft()
+            if len(self.items) == self.capacity - 1:  # the producer may be waiting
+                self.cond.notify_all()
+            return item
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+class Prefetcher:
+    """Iterate a :class:`~storage.loader.StreamingDataset` (or any iterable of dicts of
+    tensors) with batches prepared ahead, on ``device`` when it is a CUDA device.
+
+    Args:
+        source: a ``StreamingDataset``, or any iterable of ``{name: tensor}`` batches.
+        device: ``None``/``"cpu"`` (host tensors) or a CUDA device.
+        depth: batches kept ready ahead of the consumer.
+        num_workers: ``DataLoader`` worker processes (0: read in this process, on threads).
+        shard_depth: shard reads in flight (default: the dataset's ``shard_depth``).
+        stall_target: grow the depths while the stall share is above this (None: fixed).
+        max_depth: the most batches ``depth`` may grow to.
+        window: steps between two depth decisions.
+    """
+
+    def __init__(self, source: Iterable, *, device: Any = None, depth: int = 2, num_workers: int = 0,
+                 shard_depth: int | None = None, stall_target: float | None = None, max_depth: int = 16,
+                 window: int = 16, mp_context: str | None = None):
+        from storage.loader import StreamingDataset
+
+        self.source = source
+        self.dataset = source if isinstance(source, StreamingDataset) else None
+        if num_workers and self.dataset is None:
+            raise ConfigError("num_workers > 0 needs a StreamingDataset source (an iterable is read as it is)")
+        if not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"depth must be an integer >= 1, got {depth!r}")
+        if stall_target is not None and not 0 < stall_target < 1:
+            raise ConfigError(f"stall_target is a share of wall time between 0 and 1 (e.g. 0.05), got {stall_target!r}")
+        self.device = _device(device)
+        self.depth = depth
+        self.max_depth = max(depth, max_depth)
+        self.num_workers = int(num_workers)
+        self.shard_depth = shard_depth or (self.dataset.shard_depth if self.dataset else 0)
+        self.stall_target = stall_target
+        self.window = window
+        self.mp_context = mp_context
+        self.consumed = 0
+        self.stats = PrefetchStats()
+        self._ring = _PinnedRing(self.device) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ the training loop's API
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.dataset is not None:
+            self.dataset.set_epoch(epoch)
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        """The position of the training loop in the epoch: save it with the checkpoint."""
+        if self.dataset is None:
+            raise ConfigError("state_dict needs a StreamingDataset source")
+        return self.dataset.state_dict(batches=self.consumed, num_workers=max(1, self.num_workers))
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.dataset is None:
+            raise ConfigError("load_state_dict needs a StreamingDataset source")
+        self.dataset.load_state_dict(state)
+        self.consumed = int(state["batches"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        queue = _Queue(self.depth)
+        source, start = self._open_source()
+        self.consumed = start
+        self.stats = PrefetchStats(depth=self.depth, shard_depth=self.shard_depth)
+        counters = self.dataset.counters() if self.dataset is not None else None
+        base = counters.total() if counters is not None else None
+        producer = threading.Thread(target=self._produce, args=(source, queue), name="swarm-prefetch", daemon=True)
+        producer.start()
+        began = time.perf_counter()
+        window_start, window_stall = began, 0.0
+        try:
+            while True:
+                wait_from = time.perf_counter()
+                item = queue.get()
+                stall = time.perf_counter() - wait_from
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch = self._ring.hand_over(item) if self._ring is not None else item
+                self._record(stall, batch, counters, base)
+                window_stall += stall
+                if self.stall_target is not None and self.stats.steps % self.window == 0:
+                    now = time.perf_counter()
+                    self._tune(window_stall / max(now - window_start, 1e-9), queue)
+                    window_start, window_stall = now, 0.0
+                self.stats.elapsed_s = time.perf_counter() - began
+                self.consumed += 1
+                yield batch
+        finally:
+            self.stats.elapsed_s = time.perf_counter() - began
+            queue.stop()
+            producer.join(timeout=30)
+            if self.stats.steps:
+                self._record(0.0, {}, counters, base, final=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _open_source(self):
+        if self.dataset is None:
+            return iter(self.source), 0
+        if self.num_workers == 0:
+            self.dataset.shard_depth = self.shard_depth
+            out = self._ring.provider(self.dataset) if self._ring is not None else None
+            start = self.dataset.resume_offset(1)
+            return self.dataset.batches(out=out, fetch_depth=lambda: self.shard_depth), start
+        from torch.utils.data import DataLoader
+
+        start = self.dataset.resume_offset(self.num_workers)
+        self.dataset.shard_depth = self.shard_depth
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=max(2, self.depth), multiprocessing_context=self.mp_context)
+        source = iter(loader)  # the workers start here, with the resume point in their copy
+        self.dataset.forget_resume()
+        return source, start
+
+    def _produce(self, source, queue: _Queue) -> None:
+        try:
+            for batch in source:
+                item = self._ring.to_device(batch) if self._ring is not None else batch
+                if not queue.put(item):
+                    break
+            else:
+                if self.dataset is not None and self.num_workers == 0:
+                    self.dataset.preload(self.dataset.epoch + 1)  # the usual next epoch
+                queue.put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            queue.put(exc)
+        finally:
+            close = getattr(source, "close", None) or getattr(source, "_shutdown_workers", None)
+            if close is not None:
+                close()
+
+    def _record(self, stall: float, batch: dict, counters, base, final: bool = False) -> None:
+        stats = self.stats
+        if not final:
+            stats.steps += 1
+            stats.stall_s += stall
+            stats.step_stall_s.append(stall)
+            first = next(iter(batch.values()), None)
+            stats.samples += int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 0
+        if counters is not None and (final or stats.steps % 8 == 1):  # sampled: cheap, not free
+            now = counters.total()
+            reads = (now["hits"] - base["hits"]) + (now["misses"] - base["misses"])
+            stats.hit_rate = (now["hits"] - base["hits"]) / reads if reads else stats.hit_rate
+            stats.bytes_in_flight = now["bytes_in_flight"]
+            stats.flight_samples += 1
+            stats.bytes_in_flight_mean += (now["bytes_in_flight"] - stats.bytes_in_flight_mean) / stats.flight_samples
+            stats.bytes_fetched = now["bytes_fetched"] - base["bytes_fetched"]
+
+    def _tune(self, share: float, queue: _Queue) -> None:
+        if share > self.stall_target:
+            if self.depth < self.max_depth:
+                self.depth += 1
+                with queue.cond:
+                    queue.capacity = self.depth
+                    queue.cond.notify_all()
+            if self.shard_depth and self.shard_depth < MAX_DEPTH:
+                self.shard_depth += 1
+        self.stats.depth, self.stats.shard_depth = self.depth, self.shard_depth
+        self.stats.tuning.append((self.stats.steps, self.depth, self.shard_depth, round(share, 4)))
+
+
+class _PinnedRing:
+    """Reusable pinned host buffers and the side-stream copies out of them (CUDA only)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.slots: list[dict] = []
+        self.current: dict | None = None
+
+    def _slot(self) -> dict:
+        for slot in self.slots:
+            if slot["event"] is None or slot["event"].query():
+                break
+        else:
+            if len(self.slots) < 2 * MAX_DEPTH:
+                slot = {"event": None, "buffers": {}}
+                self.slots.append(slot)
+            else:
+                slot = min(self.slots, key=lambda s: s["used"])
+                slot["event"].synchronize()
+        slot["used"] = time.perf_counter()
+        slot["event"] = None
+        self.current = slot
+        return slot
+
+    def _buffer(self, slot: dict, name: str, shape: tuple, dtype) -> Any:
+        torch = self.torch
+        buf = slot["buffers"].get(name)
+        rows = shape[0]
+        if buf is None or buf.shape[1:] != shape[1:] or buf.dtype != dtype or buf.shape[0] < rows:
+            buf = torch.empty((max(rows, 1), *shape[1:]), dtype=dtype, pin_memory=True)
+            slot["buffers"][name] = buf
+        return buf[:rows]
+
+    def provider(self, dataset):
+        """Buffers a dataset gathers straight into: its numeric columns without transforms."""
+        torch = self.torch
+        specs = [s for s in dataset.specs if s.numeric and s.name not in dataset.transforms]
+
+        def out(rows: int) -> dict[str, np.ndarray]:
+            slot = self._slot()
+            return {s.name: self._buffer(slot, s.name, (rows, *s.shape), _torch_dtype(torch, s.dtype)).numpy()
+                    for s in specs}
+
+        return out
+
+    def to_device(self, batch: dict[str, Any]):
+        torch = self.torch
+        slot = self.current if self.current is not None and self.current["event"] is None else self._slot()
+        self.current = None
+        out = {}
+        with torch.cuda.stream(self.stream):
+            for name, value in batch.items():
+                if not isinstance(value, torch.Tensor):
+                    out[name] = value
+                    continue
+                host = value if value.is_pinned() else self._buffer(slot, name, tuple(value.shape), value.dtype)
+                if host is not value:
+                    host.copy_(value)
+                out[name] = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        slot["event"] = event
+        return out, event
+
+    def hand_over(self, item) -> dict[str, Any]:
+        batch, event = item
+        stream = self.torch.cuda.current_stream(self.device)
+        stream.wait_event(event)
+        for value in batch.values():
+            if isinstance(value, self.torch.Tensor):
+                value.record_stream(stream)
+        return batch
+
+
+def _torch_dtype(torch, dtype: np.dtype):
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _device(device):
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use device=None (CPU)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; allowed: cpu, cuda[:N]")
+    return dev
