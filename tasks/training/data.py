@@ -94,38 +94,53 @@ def feature_tensor(x: np.ndarray, cols: Columns):
     return t if not t.is_floating_point() else t.float()
 
 
-class RankBatches:
-    """Per-rank batches of an in-memory split, in the order described above."""
+def column_transform(cols: Columns):
+    """The feature column's batches as model input: float32 (scaled when the dataset says so);
+    integer tokens stay integers."""
+    scale = cols.scale
 
-    def __init__(self, x, y, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
-        if len(y) < batch_size * world_size:
-            raise ConfigError(
-                f"the split has {len(y)} rows, fewer than one global batch "
-                f"({world_size} ranks x batch {batch_size}); lower --batch-size or --world-size"
-            )
-        self.x, self.y = x, y
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+    def transform(values: np.ndarray) -> np.ndarray:
+        if scale is not None:
+            return values.astype(np.float32) * np.float32(scale)
+        if values.dtype.kind == "f" and values.dtype != np.float32:
+            return values.astype(np.float32)
+        return values
 
-    def __len__(self) -> int:
-        return len(self.y) // (self.batch_size * self.world_size)
+    return transform
 
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.y))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Any, Any]]:
-        import torch
+def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, batch_size: int, shuffle: bool,
+            drop_last: bool):
+    from storage.loader import StreamingDataset
+    from storage.prefetch import Prefetcher
 
-        perm = self.order(epoch)
-        g = self.batch_size * self.world_size
-        for i in range(start_batch, len(self)):
-            rows = perm[i * g + self.rank * self.batch_size: i * g + (self.rank + 1) * self.batch_size]
-            yield self.x[rows], self.y[rows]
+    ds = StreamingDataset(
+        cfg.dataset, split=split, batch_size=batch_size, seed=cfg.seed, shuffle=shuffle, drop_last=drop_last,
+        columns=[cols.feature, cols.label], transforms={cols.feature: column_transform(cols)},
+        rank=rank, world_size=world_size, storage_options=cfg.storage_options,
+    )
+    return Prefetcher(ds, device=device if getattr(device, "type", "cpu") == "cuda" else None, depth=2)
+
+
+def train_loader(cfg, cols: Columns, rank: int, world_size: int, device):
+    """The train split through the streaming loader and prefetcher, partitioned by rank.
+
+    Full batches only (``drop_last``): every rank takes the same number of equal steps,
+    so DDP's gradient average is the average over the global batch.
+    """
+    return _loader(cfg, cols, "train", rank, world_size, device, cfg.batch_size, True, True)
+
+
+def split_loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device):
+    """A split for scoring: in storage order, every row exactly once across ranks; None if absent."""
+    ds = Dataset.open(cfg.dataset, cfg.storage_options)
+    rows = sum(s.rows for s in ds.shards(split)) if split in ds.manifest.splits else 0
+    if rows < world_size:
+        return None
+    return _loader(cfg, cols, split, rank, world_size, device, max(1, min(1024, rows // world_size)), False, False)
 
 
 def load_split(url: str, split: str | None, cols: Columns, storage_options: dict | None = None):
+    """A whole split in memory as ``(features, labels)`` NumPy arrays (for evaluation)."""
     ds = Dataset.open(url, storage_options)
-    table = ds.read_table(split)
-    return to_arrays(table, cols)
+    return to_arrays(ds.read_table(split), cols)

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
-import numpy as np
-
 from storage import checkpoint as ckpt
 from storage.errors import ConfigError
 from tasks.models import build_model
 from tasks.training.config import TrainConfig
-from tasks.training.data import Columns, RankBatches, feature_tensor, load_split
+from tasks.training.data import split_loader, train_loader
 
 
 class Reporter(Protocol):
@@ -149,7 +147,7 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
 
 
 def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: int, batch: int,
-                    history: list, lora_layers: list[str]) -> str:
+                    history: list, lora_layers: list[str], loader_state: dict | None) -> str:
     cfg = job.config
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
@@ -162,8 +160,9 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
         if cfg.lora_rank else None,
         "epoch": epoch,
         "batch": batch,
-        "loader": {"seed": cfg.seed, "epoch": epoch, "batch": batch, "world_size": job.world_size,
-                   "batch_size": cfg.batch_size},
+        # Where the epoch stands; every rank rebuilds its own loader state from (epoch, batch).
+        "loader": loader_state or {"epoch": epoch, "batches": batch, "seed": cfg.seed,
+                                   "world_size": job.world_size, "batch_size": cfg.batch_size},
         "optimizer": opt_meta,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "metrics": history[-1] if history else {},
@@ -174,29 +173,27 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
     return ckpt.save(cfg.checkpoint_dir, step, tensors, meta, cfg.storage_options, keep_last=cfg.keep_last)
 
 
-def _evaluate(model, x: np.ndarray, y: np.ndarray, cols: Columns, job: RankJob, device, autocast) -> tuple[float, float]:
-    """Loss and accuracy over a split, each rank scoring a strided share, summed across ranks."""
+def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]:
+    """Loss and accuracy over a split: each rank scores its share once, sums across ranks."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
     model.eval()
-    loss_sum = correct = 0.0
-    rows = np.arange(job.rank, len(y), job.world_size)
+    totals = torch.zeros(3, dtype=torch.float64)
+    feature, label = job.columns.feature, job.columns.label
     with torch.no_grad():
-        for i in range(0, len(rows), 1024):
-            idx = rows[i:i + 1024]
-            xb = feature_tensor(x[idx], cols).to(device)
-            yb = torch.from_numpy(y[idx]).to(device)
+        for batch in val:
+            xb, yb = batch[feature].to(device), batch[label].to(device)
             with autocast():
                 logits = model(xb)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
-    totals = torch.tensor([loss_sum, correct], dtype=torch.float64)
+            totals[0] += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+            totals[1] += (logits.argmax(1) == yb).sum().item()
+            totals[2] += len(yb)
     if job.world_size > 1:
         dist.all_reduce(totals)
     model.train()
-    return totals[0].item() / len(y), totals[1].item() / len(y)
+    return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item()
 
 
 def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
@@ -209,12 +206,8 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
     report = reporter if (reporter is not None and is_main) else None
     device = _setup(job)
     try:
-        x_train, y_train = load_split(cfg.dataset, "train", job.columns, cfg.storage_options)
-        try:
-            x_val, y_val = load_split(cfg.dataset, "val", job.columns, cfg.storage_options)
-        except Exception:  # noqa: BLE001 - a dataset without a val split scores on train
-            x_val = y_val = None
-        batches = RankBatches(x_train, y_train, cfg.batch_size, job.rank, job.world_size, cfg.seed)
+        loader = train_loader(cfg, job.columns, job.rank, job.world_size, device)
+        val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device)
         model, optimizer, lora_layers = _build(job, device)
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
         step, start_epoch, start_batch, history, resumed_from = 0, 0, 0, [], None
@@ -244,22 +237,20 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
         def autocast():
             return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
-        per_epoch = len(batches)
+        per_epoch = len(loader)
         total_steps = per_epoch * cfg.epochs
         checkpoint_url = latest
+        feature, label = job.columns.feature, job.columns.label
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t_epoch = time.perf_counter()
-            wait = loss_sum = 0.0
+            loss_sum = 0.0
             correct = seen = 0
-            first = start_batch if epoch == start_epoch else 0
-            it = batches.epoch(epoch, first)
-            for b in range(first, per_epoch):
-                t0 = time.perf_counter()
-                xb_np, yb_np = next(it)
-                xb = feature_tensor(xb_np, job.columns).to(device, non_blocking=True)
-                yb = torch.from_numpy(yb_np).to(device, non_blocking=True)
-                wait += time.perf_counter() - t0
+            loader.set_epoch(epoch)
+            if epoch == start_epoch and start_batch:
+                loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
+            for b, batch in enumerate(loader, start=loader.consumed):
+                xb, yb = batch[feature].to(device, non_blocking=True), batch[label].to(device, non_blocking=True)
                 with autocast():
                     logits = net(xb)
                     loss = F.cross_entropy(logits.float(), yb)
@@ -276,13 +267,15 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
                 correct += (logits.argmax(1) == yb).sum().item()
                 seen += len(yb)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
-                    checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history, lora_layers)
+                    checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history,
+                                                     lora_layers, loader.state_dict())
                 if report is not None:
                     report.progress(step, total_steps, {"epoch": epoch + 1, "loss": loss.item()})
             elapsed = time.perf_counter() - t_epoch
+            stats = loader.stats
             val_loss = val_acc = None
-            if y_val is not None and len(y_val):
-                val_loss, val_acc = _evaluate(model, x_val, y_val, job.columns, job, device, autocast)
+            if val is not None:
+                val_loss, val_acc = _evaluate(model, val, job, device, autocast)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": round(loss_sum / max(1, seen), 5),
@@ -290,12 +283,14 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
                 "val_loss": None if val_loss is None else round(val_loss, 5),
                 "val_acc": None if val_acc is None else round(val_acc, 5),
                 "samples_per_s": round(seen * job.world_size / max(elapsed, 1e-9), 1),
-                "data_stall_share": round(wait / max(elapsed, 1e-9), 4),
+                "data_stall_share": round(stats.stall_s / max(elapsed, 1e-9), 4),
+                "cache_hit_rate": stats.hit_rate,
                 "epoch_s": round(elapsed, 3),
             }
             history.append(row)
             if is_main:
-                checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch + 1, 0, history, lora_layers)
+                checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch + 1, 0, history,
+                                                 lora_layers, None)
                 if report is not None:
                     report.epoch(row)
         if is_main and cfg.lora_rank:

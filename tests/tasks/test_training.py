@@ -10,7 +10,6 @@ from storage import checkpoint as ckpt
 from storage.errors import ConfigError, IntegrityError, ManifestError
 from tasks.models import build_model
 from tasks.training import TrainConfig, prepare_training
-from tasks.training.data import RankBatches
 from tasks.training.lora import LoRALinear, adapter_state, apply_lora, merge_lora
 from tasks.training.rank import RankJob, train_rank
 from tests.conftest import stage_plain
@@ -27,22 +26,8 @@ def test_default_digits_training_is_accurate(digits_dataset, tmp_path):
     assert result.history[-1]["val_acc"] >= 0.95
     tensors, meta = ckpt.load(result.checkpoint)
     assert meta["model"]["name"] == "mlp" and meta["epoch"] == cfg.epochs
-    assert {"epoch", "batch", "seed", "world_size"} <= set(meta["loader"])
+    assert {"epoch", "batches", "seed", "world_size"} <= set(meta["loader"])
     assert any(k.startswith("optim.") for k in tensors)
-
-
-def test_rank_order_partitions_global_batches():
-    x = np.arange(100).reshape(100, 1)
-    y = np.arange(100)
-    one = RankBatches(x, y, batch_size=8, world_size=1, seed=3)
-    ranks = [RankBatches(x, y, batch_size=4, rank=r, world_size=2, seed=3) for r in range(2)]
-    assert len(one) == len(ranks[0]) == len(ranks[1]) == 12
-    for (_, y1), (_, ya), (_, yb) in zip(one.epoch(0), ranks[0].epoch(0), ranks[1].epoch(0)):
-        assert list(y1) == list(ya) + list(yb)
-    seen = np.concatenate([b for r in ranks for _, b in r.epoch(1)])
-    assert len(set(seen)) == len(seen) == 96, "each sample at most once per epoch"
-    assert list(np.concatenate([b for _, b in one.epoch(2, start_batch=5)])) == list(
-        np.concatenate([b for _, b in one.epoch(2)])[5 * 8:]), "resuming mid-epoch continues the same order"
 
 
 def test_resume_continues_exactly(digits_dataset, tmp_path):
@@ -70,6 +55,7 @@ def test_resume_mid_epoch_from_step_checkpoint(digits_dataset, tmp_path):
         shutil.rmtree(folder)
     meta = json.loads((tmp_path / "a" / "ckpt-000000005" / "meta.json").read_text())
     assert (meta["epoch"], meta["batch"]) == (0, 5)
+    assert meta["loader"]["batches"] == 5 and meta["loader"]["dataset"].startswith("sha256:"), "the loader state is saved"
     resumed = train_rank(_job(cfg))
     assert resumed.resumed_from.endswith("ckpt-000000005")
     a, _ = ckpt.load(full.checkpoint)
