@@ -225,3 +225,28 @@ def test_cli_serve_bad_model_is_one_line_exit_2(tmp_path):
     result = run_cli("serve", str(tmp_path / "nothing"), "--port", "0")
     assert result.returncode == 2
     assert "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_connections_get_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; without it answers wait ~40 ms for ACKs."""
+    import socket
+
+    from tasks.inference.server import bind
+
+    async def main() -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                accepted.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=bind("127.0.0.1", 0))
+        _, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+        try:
+            return await asyncio.wait_for(accepted, 30)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(main()) != 0
