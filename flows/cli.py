@@ -283,7 +283,9 @@ def serve(
         sys.stdout.flush()
 
     served = run_server(config, on_ready=ready)
-    out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s", highlight=False)
+    sizes = ", ".join(str(r["size"]) if r else str(max_batch_size) for r in served.batch_sizes)
+    out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s "
+              f"(batch size per replica at the end: {sizes})", highlight=False)
 
 
 @app.command()

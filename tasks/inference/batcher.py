@@ -76,6 +76,19 @@ class MicroBatcher:
     def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+            self._loop_task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        """If the batching loop ever dies, fail what waits rather than leave it hanging."""
+        error = None if task.cancelled() else task.exception()
+        if error is None and not task.cancelled():
+            return
+        self._closed = True
+        while self._queue:
+            req = self._queue.popleft()
+            if not req.future.done():
+                req.future.set_exception(RuntimeError(f"the batching loop stopped: {error!r}"))
+        self.queued_rows = 0
 
     def submit(self, rows: np.ndarray) -> Awaitable[np.ndarray]:
         """Queue ``rows`` (an array of one or more rows); await the result for their outputs.

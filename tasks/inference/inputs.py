@@ -2,8 +2,10 @@
 
 A row is the model's input as the dataset stored it: the feature column's values, flat
 (``width`` numbers, e.g. 64 for 8x8 digits) or nested in the feature's shape
-(``[[[...8 values] x 8]]`` for ``[1, 8, 8]``). Scaling recorded at training time
-(``scale`` in the checkpoint's columns) is applied here exactly as in training, through
+(``[[[...8 values] x 8]]`` for ``[1, 8, 8]``). Rows become float32, or int64 token ids for
+token models (the transformer), whatever the JSON numbers look like, so a row gives the
+same tensor whichever requests share its batch. Scaling recorded at training time
+(``scale`` in the checkpoint's columns) is applied exactly as in training, through
 :func:`tasks.training.data.feature_tensor`.
 """
 
@@ -31,6 +33,7 @@ class PayloadError(SwarmError):
 class InputSpec:
     columns: Columns
     shape: tuple[int, ...]  # one row's shape
+    tokens: bool = False  # integer token ids (else float features)
 
     @property
     def width(self) -> int:
@@ -49,7 +52,7 @@ class InputSpec:
             )
         cols = Columns(columns.get("feature") or "input", columns.get("label") or "label", tuple(shape),
                        columns.get("scale"))
-        return cls(cols, tuple(int(d) for d in shape))
+        return cls(cols, tuple(int(d) for d in shape), tokens=name == "transformer")
 
     def parse(self, inputs: Any, max_rows: int) -> np.ndarray:
         """``inputs`` from a request as an array of ``(rows, width)``; :class:`PayloadError` otherwise."""
@@ -68,17 +71,18 @@ class InputSpec:
             got = "a single row (wrap it in a list)" if rows.ndim == 1 else f"rows of shape {list(rows.shape[1:])}"
             raise PayloadError(f'each row of "inputs" must be {self._layout()}; got {got}')
         rows = rows.reshape(len(rows), self.width)
-        if rows.dtype.kind == "f":
-            with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
-                rows = rows.astype(np.float32)
-            if not np.isfinite(rows).all():
-                raise PayloadError('"inputs" holds NaN or infinite values (or values too large for float32)')
-        else:
-            rows = rows.astype(np.int64, copy=False)
+        if self.tokens:
+            if rows.dtype.kind == "f":
+                raise PayloadError('"inputs" of this model are integer token ids; got numbers with a fraction or exponent')
+            return rows.astype(np.int64, copy=False)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+            rows = rows.astype(np.float32)
+        if not np.isfinite(rows).all():
+            raise PayloadError('"inputs" holds NaN or infinite values (or values too large for float32)')
         return rows
 
     def _layout(self) -> str:
-        flat = f"{self.width} numbers"
+        flat = f"{self.width} {'token ids' if self.tokens else 'numbers'}"
         return flat if len(self.shape) == 1 else f"{flat} (flat, or nested as shape {list(self.shape)})"
 
     def to_tensor(self, rows: np.ndarray):

@@ -188,6 +188,7 @@ class Served:
     url: str
     answered: int
     seconds: float
+    batch_sizes: list  # each replica's adaptive batch size report (None without --adaptive)
 
 
 def _server(config: ServeConfig, on_ready: Callable[[str], None] | None = None):
@@ -209,7 +210,8 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
         server.run(sockets=[sock])
     finally:
         sock.close()
-    return Served(url, server.service.answered, time.monotonic() - began)
+    service = server.service
+    return Served(url, service.answered, time.monotonic() - began, [c.report() if c else None for c in service.controllers])
 
 
 class BackgroundServer:

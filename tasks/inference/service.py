@@ -56,8 +56,9 @@ class InferenceService:
             model.to(device)
             controller = None
             if config.adaptive:
+                target = config.latency_target_ms / 1000 if config.latency_target_ms else None
                 controller = AdaptiveBatchSize(config.max_batch_size, initial=config.initial_batch_size,
-                                               latency_target_s=(config.latency_target_ms or 0) / 1000 or None)
+                                               latency_target_s=target)
             self.controllers.append(controller)
             predict = make_predict(model, self.spec.to_tensor, device, controller, cap)
             threads = config.replica_threads() if torch.device(device).type == "cpu" else None

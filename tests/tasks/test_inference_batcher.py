@@ -211,3 +211,20 @@ def test_pick_prefers_fewest_rows_in_flight_then_fewest_served():
         assert pool.pick() is None
     finally:
         pool.close()
+
+
+def test_a_broken_router_fails_waiting_requests_instead_of_hanging():
+    class Broken:
+        def pick(self):
+            raise RuntimeError("router bug")
+
+    async def main():
+        batcher = MicroBatcher(Broken(), BatchPolicy(max_batch_size=4, max_wait_s=0))
+        batcher.start()
+        results = await asyncio.wait_for(_gather(batcher, [rows(1), rows(2)]), 30)
+        with pytest.raises(BatcherClosed):
+            batcher.submit(rows(3))
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "router bug" in str(r) for r in results)

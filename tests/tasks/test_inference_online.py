@@ -250,3 +250,20 @@ def test_connections_get_tcp_nodelay():
             server.close()
 
     assert asyncio.run(main()) != 0
+
+
+def test_rows_become_one_dtype_per_model():
+    """Whatever the JSON numbers look like, a float model gets float32 and a token model int64."""
+    from tasks.inference.inputs import PayloadError
+
+    image = InputSpec.from_checkpoint("mlp", {"in_features": 4}, {"shape": [2, 2], "scale": 0.5})
+    flat_ints = image.parse([[1, 2, 3, 4]], max_rows=8)
+    nested = image.parse([[[0.5, 1.5], [2.5, 3.5]]], max_rows=8)
+    assert flat_ints.dtype == nested.dtype == np.float32 and flat_ints.shape == nested.shape == (1, 4)
+    assert image.to_tensor(flat_ints)[0].tolist() == [0.5, 1.0, 1.5, 2.0], "the training-time scale applies"
+    tokens = InputSpec.from_checkpoint("transformer", {"seq_len": 3}, {})
+    assert tokens.parse([[1, 2, 3]], max_rows=8).dtype == np.int64
+    with pytest.raises(PayloadError, match="integer token ids"):
+        tokens.parse([[1.5, 2, 3]], max_rows=8)
+    with pytest.raises(PayloadError, match="3 token ids"):
+        tokens.parse([[1, 2]], max_rows=8)
