@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.5, help="Seconds before measuring, per level")
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--threads-per-replica", type=int, default=1)
     parser.add_argument("--hidden", default="2048,2048,2048", help="MLP hidden widths")

@@ -6,11 +6,13 @@ the caller runs batches of :attr:`AdaptiveBatchSize.size` rows, reports each bat
 ``(rows, seconds)`` with :meth:`~AdaptiveBatchSize.observe` and each out-of-memory with
 :meth:`~AdaptiveBatchSize.on_oom`; :func:`run_adaptive` is that loop.
 
-Each size is judged on the median of a few full batches (one slow batch on a shared
-machine must not decide anything); a partial batch (the tail of a shard, a quiet moment
-online) says nothing about its size and is not counted. A settled size is probed again
-after ``reprobe_after`` full batches, so a choice made during a noisy moment or under
-another load does not stand for good; sizes that ran out of memory stay excluded.
+A larger size is judged against the current one by A/B runs: batches alternate between
+the two sizes and the throughput ratios of adjacent pairs are compared by their median,
+so a machine that gets slower or faster meanwhile (other jobs on shared cores, clocks)
+affects both sides of all pairs but one.
+A partial batch (the tail of a shard, a quiet moment online) says nothing about its size
+and is not counted. A settled size is probed again after ``reprobe_after`` full batches;
+sizes that ran out of memory stay excluded for good.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class AdaptiveBatchSize:
-    """Chooses the batch size: doubles it while the median throughput of ``samples`` full
-    batches improves by at least ``min_gain`` and their median latency stays under
-    ``latency_target_s``; settles on the best size seen; halves it on out-of-memory, which
+    """Chooses the batch size: doubles it while the doubled size beats the current one's
+    throughput by ``min_gain`` (median over ``samples`` A/B pairs of full batches) and its
+    median latency stays under ``latency_target_s``; halves it on out-of-memory, which
     also lowers the ceiling for good. Thread-safe; one controller per device/replica."""
 
     def __init__(self, maximum: int, initial: int = 8, minimum: int = 1, latency_target_s: float | None = None,
@@ -50,52 +52,87 @@ class AdaptiveBatchSize:
         self.minimum, self.maximum = minimum, maximum
         self.latency_target_s, self.samples, self.min_gain, self.growth = latency_target_s, samples, min_gain, growth
         self.reprobe_after = reprobe_after
-        self.size = min(maximum, max(minimum, initial))
+        self.current = min(maximum, max(minimum, initial))  # the chosen size
+        self.candidate: int | None = None  # the larger size on trial against it
         self.ceiling = maximum  # lowered by the latency target (until a re-probe) and by out-of-memory
         self.memory_ceiling = maximum  # lowered by out-of-memory only, for good
-        self._settled_batches = 0
         self.settled = False
-        self.tried: dict[int, tuple[float, float]] = {}  # size -> (median rows/s, median seconds)
+        self.tried: dict[int, tuple[float, float]] = {}  # size -> (median rows/s, median seconds), last trial
         self.oom_sizes: list[int] = []
         self.changes: list[dict[str, Any]] = []
-        self._window: list[tuple[int, float]] = []
+        self._windows: dict[int, list[float]] = {}  # size -> seconds of its full batches in this trial
+        self._settled_batches = 0
         self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """Rows for the next batch: the current size, alternating with the candidate on trial."""
+        with self._lock:
+            if self.candidate is None:
+                return self.current
+            ran = self._windows.get(self.current, []), self._windows.get(self.candidate, [])
+            return self.candidate if len(ran[1]) < len(ran[0]) else self.current
 
     def observe(self, rows: int, seconds: float) -> None:
         """A batch of ``rows`` rows took ``seconds``."""
         with self._lock:
-            if rows != self.size or seconds <= 0:
+            if seconds <= 0 or rows not in (self.current, self.candidate):
                 return
             if self.settled:
                 self._settled_batches += 1
                 if self.reprobe_after is None or self._settled_batches < self.reprobe_after:
                     return
                 self.settled, self.ceiling = False, self.memory_ceiling
-                self.tried.clear()
-            self._window.append((rows, seconds))
-            if len(self._window) < self.samples:
+                self._windows.clear()
+                self._propose()
                 return
-            throughput = statistics.median(r / s for r, s in self._window)
-            latency = statistics.median(s for _, s in self._window)
-            self._window.clear()
-            self.tried[self.size] = (throughput, latency)
-            smaller = [s for s in self.tried if s < self.size]
-            previous = max(smaller) if smaller else None
+            self._windows.setdefault(rows, []).append(seconds)
+            self._decide()
+
+    def _propose(self) -> None:
+        """Put the next larger size on trial, or settle at the ceiling."""
+        if self.current >= self.ceiling:
+            self._settle(self.current, "at the ceiling")
+            return
+        self.candidate = min(self.ceiling, math.ceil(self.current * self.growth))
+        self._windows.clear()
+
+    def _decide(self) -> None:
+        current = self._windows.get(self.current, [])
+        if self.candidate is None:  # the first size alone: is it within the latency target?
+            if len(current) < self.samples:
+                return
+            latency = statistics.median(current)
+            self.tried[self.current] = (self.current / latency, latency)
             if self.latency_target_s is not None and latency > self.latency_target_s:
                 reason = f"median latency {latency * 1e3:.1f} ms over the target"
-                if previous is not None or self.size == self.minimum:
-                    self.ceiling = previous or self.minimum
-                    self._settle(self.ceiling, reason)
-                else:  # even the first size is too slow: keep halving until one meets the target
-                    self.ceiling = max(self.minimum, self.size // 2)
+                if self.current == self.minimum:
+                    self._settle(self.current, reason)
+                else:
+                    self.ceiling = max(self.minimum, self.current // 2)
                     self._change(self.ceiling, reason)
-            elif previous is not None and throughput < self.tried[previous][0] * (1 + self.min_gain):
-                best = self.size if throughput > self.tried[previous][0] else previous
-                self._settle(best, f"throughput {throughput:,.0f} rows/s did not improve on {previous} rows")
-            elif self.size >= self.ceiling:
-                self._settle(self.size, "at the ceiling")
-            else:
-                self._change(min(self.ceiling, math.ceil(self.size * self.growth)), "throughput improved")
+                    self._windows.clear()
+                return
+            self._propose()
+            return
+        trial = self._windows.get(self.candidate, [])
+        if len(current) < self.samples or len(trial) < self.samples:
+            return
+        base_latency, trial_latency = statistics.median(current), statistics.median(trial)
+        self.tried[self.current] = (self.current / base_latency, base_latency)
+        self.tried[self.candidate] = (self.candidate / trial_latency, trial_latency)
+        # Throughput ratio candidate/current per adjacent pair (same per-row work compared).
+        gain = statistics.median((self.candidate / b) / (self.current / a) for a, b in zip(current, trial))
+        candidate, self.candidate = self.candidate, None
+        if self.latency_target_s is not None and trial_latency > self.latency_target_s:
+            self.ceiling = self.current
+            self._settle(self.current, f"{candidate} rows: median latency {trial_latency * 1e3:.1f} ms over the target")
+        elif gain < 1 + self.min_gain:
+            self._settle(self.current, f"{candidate} rows: throughput x{gain:.2f} of {self.current} rows, "
+                                       f"not {100 * self.min_gain:.0f}% more")
+        else:
+            self._change(candidate, f"throughput x{gain:.2f} of {self.current} rows")
+            self._propose()
 
     def on_oom(self, rows: int) -> bool:
         """A batch of ``rows`` rows ran out of memory: halve the size (the ceiling too).
@@ -106,17 +143,22 @@ class AdaptiveBatchSize:
                 return False
             self.memory_ceiling = max(self.minimum, min(self.memory_ceiling, rows // 2))
             self.ceiling = min(self.ceiling, self.memory_ceiling)
-            self._window.clear()
-            self._change(min(self.size, self.ceiling), f"out of memory at {rows} rows")
+            if self.candidate is not None and self.candidate > self.ceiling:
+                self.candidate = None
+            self._windows.clear()
+            self._change(min(self.current, self.ceiling), f"out of memory at {rows} rows")
+            if self.candidate is None and not self.settled:
+                self._propose()
             return True
 
     def _change(self, size: int, reason: str) -> None:
-        if size != self.size:
-            self.changes.append({"from": self.size, "to": size, "reason": reason})
-        self.size = size
+        if size != self.current:
+            self.changes.append({"from": self.current, "to": size, "reason": reason})
+        self.current = size
 
     def _settle(self, size: int, reason: str) -> None:
         self._change(size, reason)
+        self.candidate = None
         self.settled = True
         self._settled_batches = 0
 
@@ -124,7 +166,8 @@ class AdaptiveBatchSize:
         """The chosen size and how it was reached (sizes tried, out-of-memory sizes, changes)."""
         with self._lock:
             return {
-                "size": self.size,
+                "size": self.current,
+                "trying": self.candidate,
                 "ceiling": self.ceiling,
                 "memory_ceiling": self.memory_ceiling,
                 "settled": self.settled,
