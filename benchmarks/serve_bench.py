@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import re
 import signal
@@ -233,7 +234,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="Seconds measured per concurrency level")
     parser.add_argument("--warmup", type=float, default=1.5, help="Seconds before measuring, per level")
     parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--threads-per-replica", type=int, default=1)
@@ -246,6 +247,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="swarm-serve-bench-"))
     checkpoint, x, classes = train_model(work, [int(h) for h in args.hidden.split(",")])
+    gc.collect()
+    gc.freeze()  # no ~100 ms full collections of torch's objects inside the measurements
     common = ["--replicas", str(args.replicas), "--threads-per-replica", str(args.threads_per_replica),
               "--max-wait-ms", str(args.max_wait_ms)]
     modes = {"batched": common + ["--max-batch-size", str(args.max_batch_size)],

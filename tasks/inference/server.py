@@ -19,7 +19,7 @@ accepted request, then stop the replicas. A second SIGINT forces the exit.
 from __future__ import annotations
 
 import asyncio
-import json
+import gc
 import logging
 import signal
 import socket
@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Callable
 
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from storage.errors import ConfigError
@@ -60,9 +61,9 @@ def create_app(service: InferenceService) -> Starlette:
             x = service.spec.parse(inputs, config.max_request_rows)
             logits = await service.predict(x)
             code, rows = 200, len(x)
-            doc = {"model": service.name, "predictions": logits.argmax(axis=-1).tolist()}
+            doc = {"model": service.name, "predictions": logits.argmax(axis=-1)}
             if probabilities:
-                doc["probabilities"] = softmax(logits).tolist()
+                doc["probabilities"] = softmax(logits)
             return JSONResponse(doc)
         except PayloadError as exc:
             code = exc.status
@@ -118,7 +119,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse(body: bytes) -> tuple[object, bool]:
     usage = 'send {"inputs": [[...row...], ...]} (optionally "probabilities": true)'
     try:
-        doc = json.loads(body)
+        doc = orjson.loads(body)
     except ValueError as exc:
         raise PayloadError(f"the body is not JSON ({exc}); {usage}") from None
     if not isinstance(doc, dict):
@@ -132,6 +133,16 @@ def _parse(body: bytes) -> tuple[object, bool]:
     if not isinstance(probabilities, bool):
         raise PayloadError(f'"probabilities" must be true or false, not {probabilities!r}')
     return doc["inputs"], probabilities
+
+
+class JSONResponse(Response):
+    """JSON by orjson (NumPy arrays included): parsing and rendering are a good part of
+    the per-request cost in the event loop, and orjson is ~10x faster than json."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 def _error(code: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -205,6 +216,11 @@ def _server(config: ServeConfig, on_ready: Callable[[str], None] | None = None):
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> Served:
     """Serve until SIGINT/SIGTERM, then drain; ``on_ready(url)`` once it accepts requests."""
     server, sock, url = _server(config, on_ready)
+    # Everything loaded so far (torch, prefect, the model: ~250k objects) lives as long as
+    # the process; taken out of the collector's view, a full collection no longer stalls
+    # every in-flight request for ~100 ms.
+    gc.collect()
+    gc.freeze()
     began = time.monotonic()
     try:
         server.run(sockets=[sock])

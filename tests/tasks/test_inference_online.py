@@ -68,6 +68,7 @@ def test_batched_answers_equal_the_model_on_each_row_alone(checkpoint, val_rows)
     with BackgroundServer(config) as srv:
         responses = asyncio.run(post_all(srv.url, singles + triples, concurrency=48))
         text = httpx.get(f"{srv.url}/metrics").text
+        health = httpx.get(f"{srv.url}/health")
     assert [r.status_code for r in responses] == [200] * len(responses)
     docs = [r.json() for r in responses]
     got = np.array([d["probabilities"][0] for d in docs[:len(x)]])
@@ -82,6 +83,8 @@ def test_batched_answers_equal_the_model_on_each_row_alone(checkpoint, val_rows)
     assert batches < requests / 2, "requests were batched"
     assert metric(text, 'swarm_serve_replica_batches_total{replica="1"}') > 0, "both replicas served"
     assert metric(text, "swarm_serve_requests_total") == requests
+    assert health.status_code == 200
+    assert any(r["tried"] for r in health.json()["batch_sizes"]), "the adaptive batch size reports its trials"
 
 
 TOO_BIG = json.dumps({"inputs": [[0.5] * 64] * 300}).encode()  # 413 by size before its rows are counted
@@ -100,7 +103,8 @@ TOO_BIG = json.dumps({"inputs": [[0.5] * 64] * 300}).encode()  # 413 by size bef
     (json.dumps({"inputs": [["a"] * 64]}).encode(), 400, "numbers only (got strings)"),
     (json.dumps({"inputs": [[None] * 64]}).encode(), 400, "numbers only"),
     (json.dumps({"inputs": [[1] * 64], "probabilities": "yes"}).encode(), 400, "true or false"),
-    (b'{"inputs": [[NaN' + b", 1" * 63 + b"]]}", 400, "NaN or infinite"),
+    (b'{"inputs": [[NaN' + b", 1" * 63 + b"]]}", 400, "not JSON"),  # NaN is not JSON
+    (b'{"inputs": [[1e39' + b", 1" * 63 + b"]]}", 400, "too large for float32"),
     (json.dumps({"inputs": [[1] * 64] * 33}).encode(), 413, "33 rows; at most 32"),
     (TOO_BIG, 413, "at most 65,536"),
 ])
