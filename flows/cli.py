@@ -285,7 +285,7 @@ def serve(
     served = run_server(config, on_ready=ready)
     sizes = ", ".join(str(r["size"]) if r else str(max_batch_size) for r in served.batch_sizes)
     out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s "
-              f"(batch size per replica at the end: {sizes})", highlight=False)
+              f"(batch size per replica at the end: {sizes})", highlight=False, soft_wrap=True)
 
 
 @app.command()
