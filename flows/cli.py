@@ -359,6 +359,46 @@ def print_optimize_summary(result) -> None:
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help="Checkpoint URL: a ckpt-* folder, or a checkpoint root (its latest)"),
+    replicas: int = typer.Option(1, "--replicas", help="Model replicas, each on its own thread (or GPU)"),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Rows per batch at most"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch waits to fill once it has a row"),
+    port: int = typer.Option(8000, "--port", help="Port (0: a free one)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),
+    max_queue_rows: int = typer.Option(1024, "--max-queue-rows", help="Rows waiting at most; more get HTTP 429"),
+    max_request_rows: int = typer.Option(256, "--max-request-rows", help="Rows per request at most (HTTP 413)"),
+    max_body_bytes: int = typer.Option(4 * 2**20, "--max-body-bytes", help="Request body size at most (HTTP 413)"),
+    threads_per_replica: Optional[int] = typer.Option(None, "--threads-per-replica", help="torch threads per replica (default: cores / replicas)"),
+    adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="Adapt each replica's batch size up to --max-batch-size"),
+    latency_target_ms: Optional[float] = typer.Option(None, "--latency-target-ms", help="Adaptive: keep batch compute under this"),
+    memory_cap_mb: Optional[float] = typer.Option(None, "--memory-cap-mb", help="CPU: treat batches over this activation memory as OOM"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
+) -> None:
+    """Serve a model over HTTP: batched requests across replicas, until Ctrl-C or SIGTERM (drains first)."""
+    from tasks.inference.config import ServeConfig
+
+    config = ServeConfig(
+        model=model, replicas=replicas, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, port=port, host=host,
+        max_queue_rows=max_queue_rows, max_request_rows=max_request_rows, max_body_bytes=max_body_bytes,
+        threads_per_replica=threads_per_replica, adaptive=adaptive, latency_target_ms=latency_target_ms,
+        memory_cap_mb=memory_cap_mb, device=device, storage_options=parse_storage_options(storage_option),
+    )
+    from tasks.inference.server import serve as run_server
+
+    def ready(url: str) -> None:
+        out.print(f"serving {model} at {url} (POST /predict, GET /health, GET /metrics); Ctrl-C to stop",
+                  highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    served = run_server(config, on_ready=ready)
+    sizes = ", ".join(str(r["size"]) if r else str(max_batch_size) for r in served.batch_sizes)
+    out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s "
+              f"(batch size per replica at the end: {sizes})", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def server(
     port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),

@@ -1,0 +1,9 @@
+"""Inference: batching, model replicas and the adaptive batch size, and the online server.
+
+- :mod:`~tasks.inference.adaptive`: the adaptive batch size (pure; online and offline).
+- :mod:`~tasks.inference.batcher`: an asyncio micro-batcher (size and wait limits, bounded queue).
+- :mod:`~tasks.inference.replicas`: model replicas on threads, least-loaded routing.
+- :mod:`~tasks.inference.predict`, :mod:`~tasks.inference.inputs`, :mod:`~tasks.inference.memory`:
+  a model as ``rows -> outputs``, request rows, memory caps.
+- :mod:`~tasks.inference.service`, :mod:`~tasks.inference.server`: ``swarm serve``.
+"""

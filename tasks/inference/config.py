@@ -1,0 +1,54 @@
+"""Serving parameters: ``swarm serve`` and :func:`tasks.inference.server.serve`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.staging import check_storage_options
+
+
+class ServeConfig(BaseModel):
+    """What to serve, how requests are batched, and the limits that protect the server."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Checkpoint URL: a ckpt-* folder, or a checkpoint root (its latest)")
+    replicas: int = Field(1, ge=1, le=64, description="Model replicas, each on its own thread")
+    max_batch_size: int = Field(32, ge=1, le=65_536, description="Rows per batch at most")
+    max_wait_ms: float = Field(5.0, ge=0, le=60_000, description="How long a batch waits to fill once it has a row")
+    max_queue_rows: int = Field(1024, ge=1, description="Rows waiting for a batch at most; more get HTTP 429")
+    max_request_rows: int = Field(256, ge=1, description="Rows per request at most (HTTP 413 past it)")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Request body size at most (HTTP 413 past it)")
+    threads_per_replica: int | None = Field(None, ge=1, le=256, description="torch threads per replica (default: cores / replicas)")
+    adaptive: bool = Field(True, description="Adapt each replica's batch size (grow while throughput improves, halve on OOM)")
+    initial_batch_size: int = Field(8, ge=1, description="Where the adaptive batch size starts")
+    latency_target_ms: float | None = Field(None, gt=0, description="Adaptive: stop growing batches whose compute passes this")
+    memory_cap_mb: float | None = Field(None, gt=0, description="CPU: treat batches whose activations pass this as out-of-memory")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, replicas spread over GPUs")
+    host: str = Field("127.0.0.1", description="Interface to bind")
+    port: int = Field(8000, ge=0, le=65_535, description="Port (0: a free one)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_storage_options(value)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "ServeConfig":
+        if self.max_request_rows > self.max_queue_rows:
+            raise ValueError(
+                f"max_request_rows ({self.max_request_rows}) must not exceed max_queue_rows ({self.max_queue_rows}): "
+                "such a request could never be queued"
+            )
+        return self
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000
+
+    def replica_threads(self) -> int:
+        return self.threads_per_replica or max(1, (os.cpu_count() or 1) // self.replicas)
