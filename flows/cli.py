@@ -274,6 +274,14 @@ def lifecycle(
     print_lifecycle_summary(result)
 
 
+def _size_change(optimized) -> str:
+    before, after = optimized.before, optimized.after
+    steps = " -> ".join(s["step"] for s in optimized.steps)
+    return (f"{steps}: {human_bytes(before['size_bytes'])} -> {human_bytes(after['size_bytes'])}, accuracy "
+            f"{100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%, batch-64 throughput "
+            f"{before['throughput']:,.0f} -> {after['throughput']:,.0f} rows/s")
+
+
 def print_lifecycle_summary(result) -> None:
     from deployments.runtime import ui_url
 
@@ -286,6 +294,9 @@ def print_lifecycle_summary(result) -> None:
             ("model", f"{trained.model} ({trained.parameters:,} parameters), validation accuracy {acc}"),
             ("training", f"{trained.samples_per_s:,.0f} samples/s, {trained.epochs} epochs"),
             ("checkpoint", result.checkpoint),
+            ("optimized model", f"{result.model}  ({_size_change(result.optimized)})"),
+            ("predictions", f"{result.predictions}  ({result.predicted.rows:,} rows, "
+                            f"{result.predicted.rows_per_second:,.0f} rows/s)"),
             ("stages run", ", ".join(result.stages_run) or "none"),
             ("stages cached", ", ".join(result.stages_cached) or "none"),
             ("time", f"{result.seconds:.1f} s"),
@@ -396,6 +407,52 @@ def serve(
     sizes = ", ".join(str(r["size"]) if r else str(max_batch_size) for r in served.batch_sizes)
     out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s "
               f"(batch size per replica at the end: {sizes})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def infer(
+    model: str = typer.Argument(..., help="Optimized model folder, checkpoint folder, or checkpoint root"),
+    dataset: str = typer.Argument(..., help="Staged dataset to predict"),
+    output: str = typer.Argument(..., help="Where the prediction dataset goes"),
+    max_batch_size: int = typer.Option(1024, "--max-batch-size", help="Rows per model call at most"),
+    latency_target_ms: Optional[float] = typer.Option(None, "--latency-target-ms", help="Stop growing batches past this"),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to predict (default: all)"),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write class probabilities"),
+    memory_cap_mb: Optional[float] = typer.Option(None, "--memory-cap-mb", help="CPU: batches over this count as OOM"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
+    dask_address: Optional[str] = DaskAddress,
+) -> None:
+    """Batched offline inference over a dataset's shards on Dask workers; resumable."""
+    from tasks.inference.offline import InferConfig
+
+    config = InferConfig(
+        model=model, dataset=dataset, output=output, max_batch_size=max_batch_size,
+        latency_target_ms=latency_target_ms, split=split, probabilities=probabilities, memory_cap_mb=memory_cap_mb,
+        storage_options=parse_storage_options(storage_option), dask_address=dask_address,
+    )
+    _prepare_runtime()
+    from flows.infer import batch_inference
+
+    with progress_bar():
+        result = batch_inference(config)
+    print_infer_summary(result)
+
+
+def print_infer_summary(result) -> None:
+    from deployments.runtime import ui_url
+
+    sizes = ", ".join(str(b["size"]) for b in result.batch_sizes) or "-"
+    print_kv(
+        "predicted",
+        [
+            ("predictions", f"{result.output}  ({result.rows:,} rows, {result.shards} shards)"),
+            ("shards", f"{result.predicted_shards} predicted, {result.skipped_shards} already done"),
+            ("throughput", f"{result.rows_per_second:,.0f} rows/s"),
+            ("batch sizes chosen", sizes),
+            ("time", f"{result.seconds:.1f} s"),
+            ("Prefect UI", ui_url() or "-"),
+        ],
+    )
 
 
 @app.command()

@@ -18,10 +18,12 @@ from pydantic import BaseModel, Field
 
 from flows.base import swarm_flow
 from flows.stage import stage_dataset
+from flows.infer import batch_inference
 from flows.optimize import optimize_model
 from flows.train import TrainResult, train_model
 from tasks import artifacts
 from tasks.optimize import OptimizeConfig, OptimizeResult, optimization_finished, optimize_identity
+from tasks.inference.offline import InferConfig, InferOptions, InferResult, infer_identity, inference_finished
 from tasks.optimize.config import OptimizeOptions
 from tasks.staging import StageConfig, StageOptions, StageResult, stage_identity
 from tasks.training import TrainConfig, TrainOptions, train_identity, training_finished
@@ -48,6 +50,8 @@ class LifecycleResult(BaseModel):
     staged: StageResult
     trained: TrainResult
     optimized: OptimizeResult
+    predictions: str
+    predicted: InferResult
     stages_run: list[str]
     stages_cached: list[str]
     seconds: float
@@ -71,6 +75,12 @@ def optimize_step(config: OptimizeConfig, key: str) -> OptimizeResult:
     return optimize_model(config)
 
 
+@task(name="infer", **CACHED)
+def infer_step(config: InferConfig, key: str) -> InferResult:
+    """Batch inference (cached by model tensors, dataset content and options)."""
+    return batch_inference(config)
+
+
 def dataset_name(params: DataParams) -> str:
     if params.name:
         return params.name
@@ -89,6 +99,7 @@ def lifecycle(
     data: DataParams = DataParams(),
     training: TrainOptions = TrainOptions(),
     optimization: OptimizeOptions = OptimizeOptions(quantize="int8-dynamic"),
+    inference: InferOptions = InferOptions(),
     output: Annotated[str, Field(description="Root folder or URL for datasets, checkpoints, models, predictions")]
     = "swarm-data",
     storage_options: Annotated[dict[str, Any] | None, Field(description="fsspec options; never credentials")] = None,
@@ -117,15 +128,20 @@ def lifecycle(
     opt_cfg = probe.model_copy(update={"output": f"{root}/models/{name}-{key[:12]}"})
     optimized = _run(optimize_step, opt_cfg, key, optimization_finished(opt_cfg), ran, cached, "optimize")
 
+    probe = InferConfig(model=optimized.output, dataset=staged.dest, output="-", **inference.model_dump(), **access)
+    key = infer_identity(probe)
+    infer_cfg = probe.model_copy(update={"output": f"{root}/predictions/{name}-{key[:12]}"})
+    predicted = _run(infer_step, infer_cfg, key, inference_finished(infer_cfg), ran, cached, "infer")
+
     result = LifecycleResult(
         output=root, dataset=staged.dest, checkpoint=trained.checkpoint, model=optimized.output,
-        staged=staged, trained=trained, optimized=optimized,
+        staged=staged, trained=trained, optimized=optimized, predictions=predicted.output, predicted=predicted,
         stages_run=ran, stages_cached=cached, seconds=round(time.perf_counter() - started, 2),
     )
     artifacts.table("lifecycle", [{
         "dataset": staged.dest, "rows": staged.rows, "val_acc": trained.val_acc,
         "model": optimized.output, "model_bytes_before": optimized.before.get("size_bytes"),
-        "model_bytes_after": optimized.after.get("size_bytes"),
+        "model_bytes_after": optimized.after.get("size_bytes"), "predictions": predicted.output,
         "ran": ", ".join(ran) or "-", "cached": ", ".join(cached) or "-", "seconds": result.seconds,
     }], description="The lifecycle run")
     return result

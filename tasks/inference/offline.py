@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -39,6 +40,8 @@ from tasks.staging import StorageAccess, remove_unreferenced
 from tasks.training.data import Columns, column_transform, resolve_columns, to_arrays
 
 PREDICTIONS_KIND = "predictions"
+# Inputs are read-only views of Arrow buffers, which the model never writes to.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=r"tasks\.")
 
 
 class InferOptions(BaseModel):
