@@ -1,0 +1,56 @@
+"""The lifecycle flow: a plain Python call, content-keyed caching of every stage, resume after a failure."""
+
+import pytest
+
+from tasks.optimize.config import OptimizeOptions
+from tasks.training import TrainOptions
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    """The lifecycle's stage tasks (stage, train, optimize, infer) and the names of their states."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.name.rsplit("-", 1)[0] in
+            ("stage", "train", "optimize", "infer")}
+
+
+def test_python_call_caching_and_changed_parameter(dask_cluster, tmp_path):
+    from flows.lifecycle import LifecycleResult, lifecycle
+
+    out = str(tmp_path / "out")
+    first = lifecycle(output=out)
+    assert isinstance(first, LifecycleResult)
+    assert first.stages_run == ["stage", "train", "optimize", "infer"]
+    assert first.trained.val_acc >= 0.95
+    assert first.optimized.after["size_bytes"] < first.optimized.before["size_bytes"]
+    assert first.predicted.rows == first.staged.rows == 1797
+
+    state = lifecycle(output=out, return_state=True)
+    second = state.result()
+    assert second.stages_cached == ["stage", "train", "optimize", "infer"] and second.stages_run == []
+    assert _task_states(state.state_details.flow_run_id) == {
+        "stage": "Cached", "train": "Cached", "optimize": "Cached", "infer": "Cached"}
+    assert second.predictions == first.predictions
+
+    state = lifecycle(output=out, training=TrainOptions(epochs=5), return_state=True)
+    third = state.result()
+    assert _task_states(state.state_details.flow_run_id) == {
+        "stage": "Cached", "train": "Completed", "optimize": "Completed", "infer": "Completed"}
+    assert third.checkpoint != first.checkpoint and third.predictions != first.predictions
+    assert third.trained.epochs == 5
+
+
+def test_failed_run_resumes_from_the_failed_stage(dask_cluster, tmp_path):
+    from flows.lifecycle import lifecycle
+    from storage.errors import QualityGateError
+
+    out = str(tmp_path / "out")
+    ruin = OptimizeOptions(prune=0.97, structured=True, max_accuracy_drop=1.0)
+    with pytest.raises(QualityGateError, match="quality gate"):
+        lifecycle(output=out, optimization=ruin)
+    state = lifecycle(output=out, return_state=True)
+    assert _task_states(state.state_details.flow_run_id) == {
+        "stage": "Cached", "train": "Cached", "optimize": "Completed", "infer": "Completed"}
