@@ -8,6 +8,8 @@ Sections (each a function in ``CHECKS``; add one with ``@check``):
 * ``h2d_copy``: host-to-device bandwidth from pinned and from pageable memory, and how
   much of a pinned copy on a side stream hides behind kernels on the default stream
   (``overlap`` 1.0 = fully hidden, 0 = serialised).
+* ``train_throughput``: the training rank on the GPU (CNN on synthetic images), samples/s,
+  mean GPU utilisation and data stall for fp32, bf16-mixed and fp16-mixed (grad scaler).
 * ``loader_to_gpu``: the streaming loader through the prefetcher (pinned ring, side-stream
   copies) into device tensors: samples/s and GB/s alone, then with a GPU step per batch
   as long as the load time per batch: total time against ``max(load, compute)`` and the
@@ -145,6 +147,54 @@ def loader_to_gpu(ctx: Context) -> list[Row]:
         Row("loader_to_gpu", "overlap_vs_ideal", total_s / max(load_s, compute_s), "", "target <= 1.1"),
         Row("loader_to_gpu", "stall share, with compute", with_compute.stats.stall_share, "", "target <= 0.05"),
     ]
+
+
+class _Utilisation:
+    """Mean GPU utilisation while a block runs, sampled from nvidia-smi every 100 ms."""
+
+    def __enter__(self):
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        values = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+        self.mean = sum(values) / len(values) if values else float("nan")
+
+
+@check
+def train_throughput(ctx: Context) -> list[Row]:
+    """The training rank on one GPU: samples/s and GPU utilisation, fp32 vs bf16 vs fp16 autocast."""
+    from loader_bench import stage  # noqa: PLC0415
+
+    from tasks.training import RankJob, TrainConfig, prepare_training
+    from tasks.training.rank import train_rank
+
+    url = str(ctx.work / "train-images")
+    stage(f"synthetic-image?rows={min(ctx.args.rows, 60_000)}&size=32", url, {}, "16MB")
+    rows = []
+    for precision in ("fp32", "bf16-mixed", "fp16-mixed"):
+        cfg = TrainConfig(dataset=url, model="cnn", model_args={"channels": [64, 128, 256], "hidden": 256},
+                          epochs=2, batch_size=512, precision=precision, resume=False,
+                          checkpoint_dir=str(ctx.work / f"ck-{precision}"))
+        plan = prepare_training(cfg)
+        job = RankJob(cfg, plan.model_name, plan.model_args, plan.columns)
+        with _Utilisation() as util:
+            result = train_rank(job)
+        last = result.history[-1]
+        rows += [
+            Row("train", f"{precision} samples/s", last["samples_per_s"], "", "cnn 64-128-256, batch 512, epoch 2"),
+            Row("train", f"{precision} GPU utilisation", util.mean, "%", "mean while training (nvidia-smi)"),
+            Row("train", f"{precision} data stall", last["data_stall_share"], "", "share of epoch time"),
+        ]
+    if torch.cuda.device_count() < 2:
+        rows.append(Row("train", "DDP grad compression", float("nan"), "", "needs 2+ GPUs: not measured here"))
+    return rows
 
 
 def print_table(rows: list[Row]) -> None:
