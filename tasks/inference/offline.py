@@ -49,6 +49,9 @@ from tasks.staging import StorageAccess, check_destination, remove_unreferenced,
 from tasks.training.data import Columns
 
 PREDICTIONS_KIND = "predictions"
+# Offline only throughput counts: two sizes in a row may fail to beat the current one before
+# the batch size settles (throughput over batch size has bumps; see BENCHMARKS.md).
+GROWTH_PATIENCE = 2
 MODEL_FORMATS = (ckpt.FORMAT_ID, ckpt.MODEL_FORMAT_ID)
 
 
@@ -255,7 +258,8 @@ def _controller(group: InferGroup, device) -> Any:
             target = cfg.latency_target_ms / 1000 if cfg.latency_target_ms else None
             initial = min(cfg.initial_batch_size, cfg.max_batch_size) if cfg.adaptive else cfg.max_batch_size
             found = _CONTROLLERS[key] = AdaptiveBatchSize(cfg.max_batch_size, initial=initial, latency_target_s=target,
-                                                          reprobe_after=500 if cfg.adaptive else None)
+                                                          reprobe_after=500 if cfg.adaptive else None,
+                                                          patience=GROWTH_PATIENCE)
             while len(_CONTROLLERS) > 8:
                 _CONTROLLERS.popitem(last=False)
         return found
