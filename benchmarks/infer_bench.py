@@ -9,7 +9,9 @@ dataset with the adaptive batch size, against
 Runs are interleaved (each repeat runs every mode once) and figures are medians. Offline
 throughput is a run's rows over the wall time of its prediction phase (tasks submitted to
 last result: model loading, reading, decoding, predicting, writing shards), as the flow
-reports it; a sample of rows is checked against the batch-1 loop's classes.
+reports it; a sample of rows is checked against the batch-1 loop's classes. Beside each
+rows/s figure, rows per CPU-second (of the worker process, or of the batch-1 loop's
+thread): on a machine shared with other jobs these move far less than wall time does.
 
 Online: benchmarks/serve_bench.py's measurement (its functions): `swarm serve` batched vs
 unbatched under a closed-loop load.
@@ -56,8 +58,9 @@ def stage_images(work: Path, rows: int, shard_size: str) -> str:
     return dataset
 
 
-def batch1_loop(checkpoint: str, dataset: str, rows: int) -> tuple[float, np.ndarray]:
-    """Rows/s of ``model(x[i:i+1])`` over the dataset's first ``rows`` rows, and their classes."""
+def batch1_loop(checkpoint: str, dataset: str, rows: int) -> tuple[dict, np.ndarray]:
+    """Rows per second and per CPU-second of ``model(x[i:i+1])`` over the dataset's first
+    ``rows`` rows, and their classes."""
     import torch
 
     from storage.dataset import Dataset
@@ -74,23 +77,27 @@ def batch1_loop(checkpoint: str, dataset: str, rows: int) -> tuple[float, np.nda
     classes = np.empty(len(x), dtype=np.int64)
     with torch.inference_mode():
         loaded.model(inputs[0])
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.thread_time()
         for i, row in enumerate(inputs):
             classes[i] = loaded.model(row).argmax()
-        seconds = time.perf_counter() - began
-    return len(x) / seconds, classes
+        seconds, cpu = time.perf_counter() - began, time.thread_time() - cpu
+    return {"rows_per_s": len(x) / seconds, "rows_per_cpu_s": len(x) / cpu}, classes
 
 
-def offline_run(checkpoint: str, dataset: str, output: Path, size: int | None) -> dict:
-    """One flow run: adaptive (``size`` None, up to 1024 rows) or static at ``size`` rows."""
+def offline_run(checkpoint: str, dataset: str, output: Path, size: int | None, workers: list[int]) -> dict:
+    """One flow run: adaptive (``size`` None, up to 1024 rows) or static at ``size`` rows.
+    Besides rows/s, rows per CPU-second of the ``workers`` processes: other jobs taking
+    turns on the cores move it far less."""
     from flows.infer import batch_inference
     from tasks.inference.offline import InferConfig
 
     shutil.rmtree(output, ignore_errors=True)
     options = {"max_batch_size": 1024} if size is None else {"max_batch_size": size, "adaptive": False}
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), sum(serve_bench.cpu_seconds(pid) for pid in workers)
     result = batch_inference(InferConfig(model=checkpoint, dataset=dataset, output=str(output), **options))
+    cpu = sum(serve_bench.cpu_seconds(pid) for pid in workers) - cpu
     return {"mode": "adaptive" if size is None else size, "rows_per_s": result.rows_per_second,
+            "rows_per_cpu_s": round(result.rows / cpu, 1),
             "flow_rows_per_s": round(result.rows / (time.perf_counter() - began), 1),
             "chosen": [b["size"] for b in result.batch_sizes],
             "tried": [{k: v["rows_per_s"] for k, v in b["tried"].items()} for b in result.batch_sizes],
@@ -117,10 +124,14 @@ def offline(args: argparse.Namespace, checkpoint: str, work: Path) -> dict:
 
     dataset = stage_images(work, args.rows, args.shard_size)
     ensure_prefect_api()  # first: the workers inherit its URL
-    scheduler_address()  # the local cluster starts here, outside the timings
+    address = scheduler_address()  # the local cluster starts here, outside the timings
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        workers = list(client.run(os.getpid).values())
     sizes = [int(s) for s in args.sizes.split(",")]
     output = work / "predictions"
-    warm = offline_run(checkpoint, dataset, output, None)  # workers import torch, load the model once
+    warm = offline_run(checkpoint, dataset, output, None, workers)  # workers import torch, load the model once
     print(f"offline: {args.rows:,} rows, {os.environ['SWARM_WORKERS']} worker(s) x 1 thread; warm-up run "
           f"{warm['rows_per_s']:,.0f} rows/s, chose {warm['chosen']}", flush=True)
     runs: dict = {"batch1": [], "adaptive": [], **{s: [] for s in sizes}}
@@ -130,32 +141,41 @@ def offline(args: argparse.Namespace, checkpoint: str, work: Path) -> dict:
         for size in modes[shift:] + modes[:shift]:
             if size is None:  # the batch-1 loop right before the adaptive run: the same minute of load
                 rate, classes = batch1_loop(checkpoint, dataset, args.batch1_rows)
-                runs["batch1"].append({"rows_per_s": rate})
-                print(f"  repeat {repeat + 1}:  batch-1 {rate:9,.0f} rows/s (the model alone, in this process)",
-                      flush=True)
-            run = offline_run(checkpoint, dataset, output, size)
+                runs["batch1"].append(rate)
+                print(f"  repeat {repeat + 1}:  batch-1 {rate['rows_per_s']:9,.0f} rows/s, "
+                      f"{rate['rows_per_cpu_s']:,.0f} per CPU-second (the model alone, in this process)", flush=True)
+            run = offline_run(checkpoint, dataset, output, size, workers)
             runs[run["mode"]].append(run)
             extra = f", chose {run['chosen']}, tried {run['tried'][-1]}" if size is None else ""
-            print(f"  repeat {repeat + 1}: {str(run['mode']):>8s} {run['rows_per_s']:9,.0f} rows/s "
-                  f"(whole flow {run['flow_rows_per_s']:,.0f}, stall {100 * run['stall_share']:.1f}%){extra}",
+            print(f"  repeat {repeat + 1}: {str(run['mode']):>8s} {run['rows_per_s']:9,.0f} rows/s, "
+                  f"{run['rows_per_cpu_s']:,.0f} per CPU-second (whole flow {run['flow_rows_per_s']:,.0f} rows/s, "
+                  f"stall {100 * run['stall_share']:.1f}%){extra}",
                   flush=True)
             if size is None:
                 check_against_batch1(output, dataset, classes)
-    med = {mode: statistics.median(r["rows_per_s"] for r in rs) for mode, rs in runs.items()}
-    best = max(sizes, key=lambda s: med[s])
+    med, cpu = (_medians(runs, key) for key in ("rows_per_s", "rows_per_cpu_s"))
+    best, best_cpu = (max(sizes, key=lambda s: m[s]) for m in (med, cpu))
     return runs, {
         "offline_vs_batch1": round(med["adaptive"] / med["batch1"], 2),
+        "offline_vs_best_static": round(med["adaptive"] / med[best], 3),
         "offline_vs_batch1_per_repeat": [round(a["rows_per_s"] / b["rows_per_s"], 2)
                                          for a, b in zip(runs["adaptive"], runs["batch1"])],
-        "offline_vs_best_static": round(med["adaptive"] / med[best], 3),
         "offline_rows_per_s": round(med["adaptive"], 1),
         "offline_batch1_rows_per_s": round(med["batch1"], 1),
         "offline_best_static_size": best,
         "offline_best_static_rows_per_s": round(med[best], 1),
         "offline_static_rows_per_s": {str(s): round(med[s], 1) for s in sizes},
+        "offline_per_cpu_s": {"offline_vs_batch1": round(cpu["adaptive"] / cpu["batch1"], 2),
+                              "offline_vs_best_static": round(cpu["adaptive"] / cpu[best_cpu], 3),
+                              "best_static_size": best_cpu,
+                              "rows_per_cpu_s": {str(k): round(v, 1) for k, v in cpu.items()}},
         "offline_adaptive_chosen": [r["chosen"] for r in runs["adaptive"]],
-        "offline_runs": {str(k): [r["rows_per_s"] for r in v] for k, v in runs.items()},
+        "offline_runs": {str(k): [round(r["rows_per_s"], 1) for r in v] for k, v in runs.items()},
     }
+
+
+def _medians(runs: dict, key: str) -> dict:
+    return {mode: statistics.median(r[key] for r in rs) for mode, rs in runs.items()}
 
 
 def plot(runs: dict, online_rows: list[dict] | None, path: Path, args) -> None:
@@ -171,7 +191,7 @@ def plot(runs: dict, online_rows: list[dict] | None, path: Path, args) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
     ax = axes[0][0]
     sizes = [s for s in runs if isinstance(s, int)]
-    med = {mode: statistics.median(r["rows_per_s"] for r in rs) for mode, rs in runs.items()}
+    med, cpu = (_medians(runs, key) for key in ("rows_per_s", "rows_per_cpu_s"))
     lo = [med[s] - min(r["rows_per_s"] for r in runs[s]) for s in sizes]
     hi = [max(r["rows_per_s"] for r in runs[s]) - med[s] for s in sizes]
     ax.errorbar(sizes, [med[s] for s in sizes], yerr=[lo, hi], fmt="o-", color="tab:blue", capsize=3,
@@ -181,13 +201,18 @@ def plot(runs: dict, online_rows: list[dict] | None, path: Path, args) -> None:
             label=f"adaptive (flow), chose {', '.join(map(str, sorted(set(chosen))))}")
     ax.axhline(med["adaptive"], color="tab:red", lw=0.8, ls=":")
     ax.plot([1], [med["batch1"]], "s", color="tab:orange", markersize=9, label="batch-1 loop (model only)")
+    ax.plot(sizes, [cpu[s] for s in sizes], ".--", color="tab:blue", alpha=0.5, label="static, per worker CPU-second")
+    ax.plot([statistics.median(chosen)], [cpu["adaptive"]], "*", color="tab:red", alpha=0.5, markersize=12,
+            markerfacecolor="none", label="adaptive, per worker CPU-second")
+    ax.plot([1], [cpu["batch1"]], "s", color="tab:orange", alpha=0.5, markerfacecolor="none", markersize=8,
+            label="batch-1, per CPU-second")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("rows per model call")
     ax.set_ylabel("rows / s")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"offline: batch_inference, {args.rows:,} rows,\n1 worker x 1 thread "
                  f"(medians of {args.repeat}, bars min-max)", fontsize=9)
     if online_rows is not None:

@@ -64,6 +64,14 @@ def train_model(work: Path, hidden: list[int]) -> tuple[str, np.ndarray, np.ndar
     return result.checkpoint, x, classes
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """`swarm serve` in a subprocess."""
 
@@ -88,11 +96,7 @@ class Server:
         return values
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux)."""
-        import os
-
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def health(self) -> dict:
         import urllib.request

@@ -29,7 +29,8 @@ def batch_inference(config: InferConfig) -> InferResult:
     predict_seconds = None
     if plan.todo:
         with dask_runner(config.dask_address) as runner, gpu_tasks(runner) as on_gpus:
-            groups = group_inputs(plan, n_groups=2 * worker_count(runner, "GPU" if on_gpus else None))
+            # One task per worker: each task loads the model, which for large models takes long.
+            groups = group_inputs(plan, n_groups=worker_count(runner, "GPU" if on_gpus else None))
             rows = sum(e.rows for e, _ in plan.todo)
             progress = Progress(f"predicting {rows:,} rows in {len(plan.todo)} shard(s)", total=rows)
             began = time.perf_counter()
@@ -51,7 +52,7 @@ def batch_inference(config: InferConfig) -> InferResult:
         artifacts.table("batch-sizes", [
             {"group": b["group"], "worker": b["worker"], "device": b["device"], "chosen": b["size"],
              "tried": ", ".join(f"{k}: {v['rows_per_s']:,.0f} rows/s" for k, v in b["tried"].items()) or "-",
-             "out_of_memory_at": ", ".join(map(str, b["out_of_memory_at"])) or "-"}
+             "timed_by": b.get("timed_by", "-"), "out_of_memory_at": ", ".join(map(str, b["out_of_memory_at"])) or "-"}
             for b in result.batch_sizes
         ], description="Batch sizes chosen per task (adaptive: the size it settled on or was using at the end)")
     return result

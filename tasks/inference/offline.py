@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import socket
 import threading
@@ -28,16 +27,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import checkpoint as ckpt, codecs, manifest as manifest_mod
 from storage.dataset import Dataset
-from storage.errors import ConfigError, DestinationError, ManifestError
+from storage.errors import ConfigError, ManifestError
 from storage.manifest import Manifest, ShardEntry
-from storage.urls import protocol_of, url_to_fs
+from storage.urls import url_to_fs
+from tasks.inference.offline_checks import check_output, model_columns
 from tasks.inference.prediction_shards import (
     FORMAT,
+    PREDICTIONS_KIND,
     existing_entry,
     prediction_name,
     present_names,
@@ -45,10 +45,9 @@ from tasks.inference.prediction_shards import (
     schema_of,
     write_predictions,
 )
-from tasks.staging import StorageAccess, check_destination, remove_unreferenced, retry_unless_user_error
+from tasks.staging import StorageAccess, remove_unreferenced, retry_unless_user_error
 from tasks.training.data import Columns
 
-PREDICTIONS_KIND = "predictions"
 # Offline only throughput counts: two sizes in a row may fail to beat the current one before
 # the batch size settles (throughput over batch size has bumps; see BENCHMARKS.md).
 GROWTH_PATIENCE = 2
@@ -156,58 +155,12 @@ def plan_inference(cfg: InferConfig) -> InferPlan:
     entries = ds.shards(cfg.split)
     if not entries:
         raise ConfigError(f"dataset {cfg.dataset!r} has no shards to predict")
-    fs, root = _check_output(cfg)
+    fs, root = check_output(cfg.output, cfg.dataset, cfg.storage_options)
     names = [(e, prediction_name(e, meta["tensors_hash"], _options(cfg))) for e in entries]
     present = present_names(fs, root)
     return InferPlan(cfg, model_url, meta["tensors_hash"], ds.manifest.content_hash(), cols,
                      todo=[(e, n) for e, n in names if n not in present],
                      done=[(e, n) for e, n in names if n in present], rows=sum(e.rows for e in entries))
-
-
-def model_columns(model: str, meta: dict, ds: Dataset) -> Columns:
-    """The dataset column the model reads, checked: present, numeric, as wide as the model's
-    input. Shape and scale are the model's, as recorded at training, else the dataset's."""
-    trained = meta.get("columns") or {}
-    described = ds.manifest.metadata
-    names = ds.schema.names
-    feature = trained.get("feature") or described.get("feature")
-    if not feature:
-        raise ConfigError(f"model {model!r} does not record its input column and dataset {ds.url!r} does not name "
-                          f"one (columns: {', '.join(names)}); train the model with Swarm")
-    if feature not in names:
-        raise ConfigError(f"model {model!r} reads column {feature!r}, which dataset {ds.url!r} lacks "
-                          f"(columns: {', '.join(names)})")
-    ftype = ds.schema.field(feature).type
-    width, values = (ftype.list_size, ftype.value_type) if pa.types.is_fixed_size_list(ftype) else (1, ftype)
-    if not (pa.types.is_integer(values) or pa.types.is_floating(values)):
-        raise ConfigError(f"column {feature!r} of dataset {ds.url!r} is {ftype}; model {model!r} needs numbers "
-                          "or fixed-size lists of numbers")
-    shape = trained.get("shape") or described.get("shape")
-    if shape and math.prod(shape) != width:
-        raise ConfigError(f"model {model!r} takes rows of shape {list(shape)} ({math.prod(shape)} values); column "
-                          f"{feature!r} of dataset {ds.url!r} has {width} values per row")
-    scale = trained["scale"] if "scale" in trained else described.get("scale")
-    return Columns(feature, "", tuple(shape) if shape else None, scale)
-
-
-def _check_output(cfg: InferConfig):
-    fs, root = check_destination(cfg.output, cfg.storage_options)
-    if _overlap(cfg.output, cfg.dataset, cfg.storage_options):
-        raise ConfigError(f"output {cfg.output!r} overlaps dataset {cfg.dataset!r}; predictions need a folder of "
-                          "their own, neither inside the dataset nor around it")
-    previous = manifest_mod.read_if_exists(fs, root)
-    if previous is not None and previous.metadata.get("kind") != PREDICTIONS_KIND:
-        raise DestinationError(f"output {cfg.output!r} holds a dataset that is not predictions "
-                               f"(kind {previous.metadata.get('kind')!r}); give a new folder for the predictions")
-    return fs, root
-
-
-def _overlap(a: str, b: str, storage_options: dict) -> bool:
-    (fa, pa_), (fb, pb) = (url_to_fs(u.split("::")[-1], storage_options) for u in (a, b))
-    if protocol_of(fa) != protocol_of(fb):
-        return False
-    pa_, pb = pa_.rstrip("/") + "/", pb.rstrip("/") + "/"
-    return pa_.startswith(pb) or pb.startswith(pa_)
 
 
 def group_inputs(plan: InferPlan, n_groups: int) -> list[InferGroup]:
@@ -239,6 +192,19 @@ def inference_device(choice: str = "auto"):
     if choice == "cuda":
         raise ConfigError("device 'cuda' was asked for but this worker sees no CUDA device; use device auto or cpu")
     return torch.device("cpu")
+
+
+def batch_clock(device, latency_target_ms: float | None):
+    """What batch sizes are judged by, and its name: on a CPU computing on the calling
+    thread alone, that thread's CPU time, so that other processes taking turns on the core
+    do not decide (per-batch spread ~2% where wall time spread ~16% on a shared machine,
+    BENCHMARKS.md); else wall time (GPUs, several threads, and a latency target, which is
+    about wall time)."""
+    import torch
+
+    if device.type == "cpu" and torch.get_num_threads() == 1 and latency_target_ms is None:
+        return time.thread_time, "thread cpu time"
+    return time.perf_counter, "wall time"
 
 
 _CONTROLLERS: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -278,6 +244,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
     loaded = load_model(cfg.model, cfg.storage_options)
     model = loaded.model.to(device)
     controller = _controller(group, device)
+    clock, timed_by = batch_clock(device, cfg.latency_target_ms)
     fs, root = url_to_fs(cfg.output, cfg.storage_options)
     root = root.rstrip("/")
     entries, rows, hits, misses = [], 0, 0, 0
@@ -289,14 +256,15 @@ def predict_group(group: InferGroup) -> GroupOutput:
             x = scale_features(item["x"], cols)
             if predict is None:
                 cap = _memory_cap(loaded, model, x, cols, cfg.memory_cap_mb)
-                predict = make_predict(model, lambda t: t, device, controller=controller, memory_cap=cap)
+                predict = make_predict(model, lambda t: t, device, controller=controller, memory_cap=cap, clock=clock)
             logits = predict(x)
             entries.append(write_predictions(fs, root, shard, logits, cfg.probabilities, cfg.codec))
             shard.release()
             rows += shard.entry.rows
             hits += shard.cache_hit is True
             misses += shard.cache_hit is False
-    return GroupOutput(group.index, entries, rows, time.perf_counter() - started, controller.report(),
+    return GroupOutput(group.index, entries, rows, time.perf_counter() - started,
+                       {**controller.report(), "timed_by": timed_by},
                        worker=f"{socket.gethostname()}:{os.getpid()}", device=str(device),
                        stall_s=inputs.stats.stall_s, cache_hits=hits, cache_misses=misses)
 

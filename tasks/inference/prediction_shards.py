@@ -31,6 +31,7 @@ from storage.shard_writer import PART_PREFIX
 from tasks.training.data import feature_array
 
 FORMAT = "arrow"
+PREDICTIONS_KIND = "predictions"  # the manifest's metadata ``kind`` of a prediction dataset
 READS_IN_FLIGHT = 2
 
 

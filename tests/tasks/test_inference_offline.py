@@ -18,7 +18,7 @@ from tasks.inference.offline import (
 )
 from tasks.models.loading import load_model
 from tests.conftest import infer_plain, stage_plain
-from tests.predictions import check_predictions, leftovers, random_checkpoint
+from tests.predictions import check_predictions, leftovers
 
 
 def test_every_row_once_and_equal_to_the_model_on_each_row_alone(digits_checkpoint, digits_dataset, tmp_path):
@@ -175,6 +175,21 @@ def test_bad_options_fail_validation(change):
     with pytest.raises(ValidationError) as info:
         InferConfig(model="m", dataset="d", output="o", **change)
     assert next(iter(change)) in str(info.value)
+
+
+def test_batch_sizes_judged_by_cpu_time_on_one_cpu_thread():
+    from tasks.inference.offline import batch_clock
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert batch_clock(torch.device("cpu"), None)[1] == "thread cpu time"
+        assert batch_clock(torch.device("cpu"), 50.0)[1] == "wall time", "a latency target is about wall time"
+        assert batch_clock(torch.device("cuda"), None)[1] == "wall time"
+        torch.set_num_threads(2)
+        assert batch_clock(torch.device("cpu"), None)[1] == "wall time"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_device_choice():
