@@ -64,6 +64,14 @@ def train_model(work: Path, hidden: list[int]) -> tuple[str, np.ndarray, np.ndar
     return result.checkpoint, x, classes
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """`swarm serve` in a subprocess."""
 
@@ -88,11 +96,7 @@ class Server:
         return values
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux)."""
-        import os
-
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def health(self) -> dict:
         import urllib.request
@@ -203,13 +207,8 @@ def medians(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+def plot_levels(rows: list[dict], ax1, ax2) -> None:
+    """Throughput (``ax1``) and latency (``ax2``) over concurrency, batched and unbatched."""
     for mode, color in (("batched", "tab:blue"), ("unbatched", "tab:orange")):
         sub = [r for r in rows if r["mode"] == mode]
         c = [r["concurrency"] for r in sub]
@@ -224,13 +223,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax1.set_ylabel("requests / s")
     ax2.set_ylabel("latency (ms)")
     ax2.set_yscale("log")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    plot_levels(rows, ax1, ax2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="Seconds measured per concurrency level")
     parser.add_argument("--warmup", type=float, default=1.5, help="Seconds before measuring, per level")
     parser.add_argument("--concurrency", default="1,8,32,64")
@@ -241,12 +249,13 @@ def main() -> None:
     parser.add_argument("--hidden", default="2048,2048,2048", help="MLP hidden widths")
     parser.add_argument("--repeat", type=int, default=3, help="Runs of everything; figures are medians")
     parser.add_argument("--batched-only", action="store_true", help="Explore: skip the unbatched runs and the plot")
-    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "serve_bench.png"))
-    args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "serve_bench.png"), help="Online plot ('': none)")
 
-    work = Path(tempfile.mkdtemp(prefix="swarm-serve-bench-"))
-    checkpoint, x, classes = train_model(work, [int(h) for h in args.hidden.split(",")])
+
+def online(args: argparse.Namespace, checkpoint: str, x: np.ndarray, classes: np.ndarray) -> dict:
+    """Batched vs unbatched `swarm serve` over the concurrency levels: the summary (the last
+    line's figures), with every level's medians under ``levels``; writes the plot."""
+    levels = [int(c) for c in args.concurrency.split(",")]
     gc.collect()
     gc.freeze()  # no ~100 ms full collections of torch's objects inside the measurements
     common = ["--replicas", str(args.replicas), "--threads-per-replica", str(args.threads_per_replica),
@@ -264,18 +273,16 @@ def main() -> None:
                      for row in run_mode(name, checkpoint, options, x, classes, levels, args)])
     rows = medians(runs)
     if args.batched_only:
-        print(json.dumps(rows))
-        return
-    plot(rows, Path(args.plot), f"swarm serve, MLP 64-{args.hidden.replace(',', '-')}-10 on digits rows, "
-         f"{args.replicas} replica(s), max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms "
-         f"(medians of {args.repeat})")
+        return {"levels": rows}
+    if args.plot:
+        plot(rows, Path(args.plot), online_title(args))
 
     at = {(r["mode"], r["concurrency"]): r for r in rows}
     ref = 32 if 32 in levels else levels[-1]
     batched, unbatched = at[("batched", ref)], at[("unbatched", ref)]
     p99_bound = 2 * args.max_wait_ms + batched["mean_batch_compute_ms"]
     ratios = [b / u for b, u in zip(batched["throughput_runs"], unbatched["throughput_runs"])]
-    summary = {
+    return {
         "online_throughput_vs_unbatched": round(batched["throughput"] / unbatched["throughput"], 2),
         "online_throughput_vs_unbatched_per_repeat": [round(r, 2) for r in ratios],
         "online_p99_ms": batched["p99_ms"],
@@ -287,9 +294,29 @@ def main() -> None:
         "unbatched_rps": unbatched["throughput"],
         "adaptive_batch_size_at_end": batched["adaptive_batch_size_at_end"],
         "levels": rows,
-        "plot": str(Path(args.plot).relative_to(ROOT)) if Path(args.plot).is_relative_to(ROOT) else args.plot,
+        "plot": shown(args.plot) if args.plot else None,
     }
-    print(json.dumps(summary))
+
+
+def online_title(args: argparse.Namespace) -> str:
+    return (f"swarm serve, MLP 64-{args.hidden.replace(',', '-')}-10 on digits rows, {args.replicas} replica(s), "
+            f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms (medians of {args.repeat})")
+
+
+def shown(path: str) -> str:
+    """``path`` relative to the project root where it is inside it."""
+    return str(Path(path).relative_to(ROOT)) if Path(path).is_relative_to(ROOT) else path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="swarm-serve-bench-"))
+    checkpoint, x, classes = train_model(work, [int(h) for h in args.hidden.split(",")])
+    summary = online(args, checkpoint, x, classes)
+    print(json.dumps(summary["levels"] if args.batched_only else summary))
+
 
 if __name__ == "__main__":
     main()

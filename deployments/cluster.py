@@ -103,5 +103,23 @@ def dask_runner(dask_address: str | None = None) -> Iterator:
         raise
 
 
-def worker_count(runner) -> int:
-    return max(1, len(runner.client.scheduler_info(n_workers=-1)["workers"]))
+def worker_count(runner, resource: str | None = None) -> int:
+    """Workers of the runner's cluster (those advertising ``resource`` when given), at least 1."""
+    workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+    return max(1, sum(1 for w in workers if resource is None or w.get("resources", {}).get(resource)))
+
+
+@contextmanager
+def gpu_tasks(runner) -> Iterator[bool]:
+    """Tasks submitted to ``runner`` in the block need a ``GPU`` resource when the cluster
+    has workers advertising one (each then runs on a GPU worker, one at a time per GPU);
+    yields whether it has."""
+    import dask
+
+    from deployments.gang import has_resource
+
+    if not has_resource(runner.client, "GPU"):
+        yield False
+        return
+    with dask.annotate(resources={"GPU": 1}):
+        yield True

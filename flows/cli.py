@@ -413,12 +413,15 @@ def serve(
 def infer(
     model: str = typer.Argument(..., help="Optimized model folder, checkpoint folder, or checkpoint root"),
     dataset: str = typer.Argument(..., help="Staged dataset to predict"),
-    output: str = typer.Argument(..., help="Where the prediction dataset goes"),
+    output: str = typer.Argument(..., help="Folder URL for the prediction dataset (re-runs skip finished shards)"),
     max_batch_size: int = typer.Option(1024, "--max-batch-size", help="Rows per model call at most"),
     latency_target_ms: Optional[float] = typer.Option(None, "--latency-target-ms", help="Stop growing batches past this"),
+    adaptive: bool = typer.Option(True, "--adaptive/--no-adaptive", help="Adapt the batch size up to --max-batch-size (else always that size)"),
     split: Optional[str] = typer.Option(None, "--split", help="Split to predict (default: all)"),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write class probabilities"),
-    memory_cap_mb: Optional[float] = typer.Option(None, "--memory-cap-mb", help="CPU: batches over this count as OOM"),
+    codec: str = typer.Option("zstd", "--codec", help="zstd|lz4|none (prediction shards)"),
+    memory_cap_mb: Optional[float] = typer.Option(None, "--memory-cap-mb", help="CPU: batches over this activation memory count as OOM"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: a worker's GPU when it has one)"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
     dask_address: Optional[str] = DaskAddress,
 ) -> None:
@@ -427,8 +430,9 @@ def infer(
 
     config = InferConfig(
         model=model, dataset=dataset, output=output, max_batch_size=max_batch_size,
-        latency_target_ms=latency_target_ms, split=split, probabilities=probabilities, memory_cap_mb=memory_cap_mb,
-        storage_options=parse_storage_options(storage_option), dask_address=dask_address,
+        latency_target_ms=latency_target_ms, adaptive=adaptive, split=split, probabilities=probabilities, codec=codec,
+        memory_cap_mb=memory_cap_mb, device=device, storage_options=parse_storage_options(storage_option),
+        dask_address=dask_address,
     )
     _prepare_runtime()
     from flows.infer import batch_inference
@@ -441,14 +445,16 @@ def infer(
 def print_infer_summary(result) -> None:
     from deployments.runtime import ui_url
 
-    sizes = ", ".join(str(b["size"]) for b in result.batch_sizes) or "-"
+    sizes = ", ".join(f"{b['size']}{'' if b['settled'] else ' (still trying)'}" for b in result.batch_sizes) or "-"
+    oom = sorted({s for b in result.batch_sizes for s in b["out_of_memory_at"]})
     print_kv(
         "predicted",
         [
             ("predictions", f"{result.output}  ({result.rows:,} rows, {result.shards} shards)"),
             ("shards", f"{result.predicted_shards} predicted, {result.skipped_shards} already done"),
-            ("throughput", f"{result.rows_per_second:,.0f} rows/s"),
-            ("batch sizes chosen", sizes),
+            ("throughput", f"{result.rows_per_second:,.0f} rows/s on {', '.join(result.devices) or '-'} "
+                           f"(data stall {100 * result.data_stall_share:.1f}%)"),
+            ("batch sizes chosen", sizes + (f"; out of memory at {', '.join(map(str, oom))} rows" if oom else "")),
             ("time", f"{result.seconds:.1f} s"),
             ("Prefect UI", ui_url() or "-"),
         ],

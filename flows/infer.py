@@ -6,7 +6,7 @@ import time
 
 from prefect.futures import as_completed
 
-from deployments.cluster import dask_runner, worker_count
+from deployments.cluster import dask_runner, gpu_tasks, worker_count
 from deployments.progress import Progress
 from flows.base import swarm_flow
 from tasks import artifacts
@@ -26,27 +26,33 @@ def batch_inference(config: InferConfig) -> InferResult:
     started = time.perf_counter()
     plan = plan_inference_task(config)
     outputs = []
+    predict_seconds = None
     if plan.todo:
-        with dask_runner(config.dask_address) as runner:
-            groups = group_inputs(plan, n_groups=2 * worker_count(runner))
-            progress = Progress(f"predicting {sum(e.rows for e, _ in plan.todo):,} rows in {len(plan.todo)} shard(s)",
-                                total=sum(e.rows for e, _ in plan.todo))
+        with dask_runner(config.dask_address) as runner, gpu_tasks(runner) as on_gpus:
+            # One task per worker: each task loads the model, which for large models takes long.
+            groups = group_inputs(plan, n_groups=worker_count(runner, "GPU" if on_gpus else None))
+            rows = sum(e.rows for e, _ in plan.todo)
+            progress = Progress(f"predicting {rows:,} rows in {len(plan.todo)} shard(s)", total=rows)
+            began = time.perf_counter()
             futures = [runner.submit(predict_group_task, {"group": g}) for g in groups]
             for future in as_completed(futures):
                 out = future.result()
                 outputs.append(out)
                 progress.advance(out.rows)
+            predict_seconds = time.perf_counter() - began
             progress.finish()
-    result = commit_inference_task(plan, outputs, time.perf_counter() - started)
+    result = commit_inference_task(plan, outputs, time.perf_counter() - started, predict_seconds)
     artifacts.table("batch-inference", [{
         "output": result.output, "rows": result.rows, "shards": result.shards, "predicted": result.predicted_shards,
-        "skipped": result.skipped_shards, "rows_per_s": result.rows_per_second, "seconds": result.seconds,
+        "skipped": result.skipped_shards, "rows_per_s": result.rows_per_second,
+        "data_stall_share": result.data_stall_share, "devices": ", ".join(result.devices) or "-",
+        "seconds": result.seconds,
     }], description=f"Predictions of {config.model} on {config.dataset}")
     if result.batch_sizes:
         artifacts.table("batch-sizes", [
-            {"group": b["group"], "worker": b["worker"], "chosen": b["size"],
-             "tried": ", ".join(f"{k}: {v['rows_per_s']:,.0f} rows/s" for k, v in b["tried"].items()),
-             "out_of_memory_at": ", ".join(map(str, b["out_of_memory_at"])) or "-"}
+            {"group": b["group"], "worker": b["worker"], "device": b["device"], "chosen": b["size"],
+             "tried": ", ".join(f"{k}: {v['rows_per_s']:,.0f} rows/s" for k, v in b["tried"].items()) or "-",
+             "timed_by": b.get("timed_by", "-"), "out_of_memory_at": ", ".join(map(str, b["out_of_memory_at"])) or "-"}
             for b in result.batch_sizes
-        ], description="Adaptive batch sizes chosen per task")
+        ], description="Batch sizes chosen per task (adaptive: the size it settled on or was using at the end)")
     return result

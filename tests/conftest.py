@@ -89,6 +89,14 @@ def stage_plain(n_groups: int = 2, **kwargs):
     return commit(plan, results, 1.0)
 
 
+def infer_plain(n_groups: int = 2, **kwargs):
+    """Offline inference without Prefect or Dask: plan, predict every group, commit."""
+    from tasks.inference.offline import InferConfig, commit_inference, group_inputs, plan_inference, predict_group
+
+    plan = plan_inference(InferConfig(**kwargs))
+    return commit_inference(plan, [predict_group(g) for g in group_inputs(plan, n_groups)], 1.0)
+
+
 @pytest.fixture(scope="session")
 def digits_dataset(session_dir) -> str:
     """The built-in digits, staged once with a 20% validation split."""

@@ -6,4 +6,6 @@
 - :mod:`~tasks.inference.predict`, :mod:`~tasks.inference.inputs`, :mod:`~tasks.inference.memory`:
   a model as ``rows -> outputs``, request rows, memory caps.
 - :mod:`~tasks.inference.service`, :mod:`~tasks.inference.server`: ``swarm serve``.
+- :mod:`~tasks.inference.offline` (with :mod:`~tasks.inference.offline_checks` and
+  :mod:`~tasks.inference.prediction_shards`): offline batch inference, ``swarm infer``.
 """

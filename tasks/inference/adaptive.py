@@ -12,7 +12,10 @@ so a machine that gets slower or faster meanwhile (other jobs on shared cores, c
 affects both sides of all pairs but one.
 A partial batch (the tail of a shard, a quiet moment online) says nothing about its size
 and is not counted. A settled size is probed again after ``reprobe_after`` full batches;
-sizes that ran out of memory stay excluded for good.
+sizes that ran out of memory stay excluded for good. With ``patience`` the growth goes on
+past sizes that did not win: throughput over batch size is not always smooth (a GEMM
+kernel that suits 256 rows better than 64), so offline inference, where only throughput
+counts, also tries the next sizes before it settles.
 """
 
 from __future__ import annotations
@@ -39,19 +42,25 @@ class AdaptiveBatchSize:
     """Chooses the batch size: doubles it while the doubled size beats the current one's
     throughput by ``min_gain`` (median over ``samples`` A/B pairs of full batches) and its
     median latency stays under ``latency_target_s``; halves it on out-of-memory, which
-    also lowers the ceiling for good. Thread-safe; one controller per device/replica."""
+    also lowers the ceiling for good. ``patience``: larger sizes in a row that may fail to
+    beat the current one before it settles (each next one is tried against the current
+    size). Thread-safe; one controller per device/replica."""
 
     def __init__(self, maximum: int, initial: int = 8, minimum: int = 1, latency_target_s: float | None = None,
-                 samples: int = 3, min_gain: float = 0.05, growth: float = 2.0, reprobe_after: int | None = 500):
+                 samples: int = 3, min_gain: float = 0.05, growth: float = 2.0, reprobe_after: int | None = 500,
+                 patience: int = 0):
         if not 1 <= minimum <= maximum:
             raise ValueError(f"batch size bounds need 1 <= minimum <= maximum (got {minimum}, {maximum})")
-        if samples < 1 or growth <= 1 or min_gain < 0:
-            raise ValueError(f"need samples >= 1, growth > 1, min_gain >= 0 (got {samples}, {growth}, {min_gain})")
+        if samples < 1 or growth <= 1 or min_gain < 0 or patience < 0:
+            raise ValueError(f"need samples >= 1, growth > 1, min_gain >= 0, patience >= 0 "
+                             f"(got {samples}, {growth}, {min_gain}, {patience})")
         if latency_target_s is not None and latency_target_s <= 0:
             raise ValueError(f"latency target must be positive (got {latency_target_s})")
         self.minimum, self.maximum = minimum, maximum
         self.latency_target_s, self.samples, self.min_gain, self.growth = latency_target_s, samples, min_gain, growth
         self.reprobe_after = reprobe_after
+        self.patience = patience
+        self._misses = 0  # larger sizes in a row that did not beat the current one
         self.current = min(maximum, max(minimum, initial))  # the chosen size
         self.candidate: int | None = None  # the larger size on trial against it
         self.ceiling = maximum  # lowered by the latency target (until a re-probe) and by out-of-memory
@@ -89,12 +98,14 @@ class AdaptiveBatchSize:
             self._windows.setdefault(rows, []).append(seconds)
             self._decide()
 
-    def _propose(self) -> None:
-        """Put the next larger size on trial, or settle at the ceiling."""
-        if self.current >= self.ceiling:
+    def _propose(self, above: int | None = None) -> None:
+        """Put the next size larger than ``above`` (default: the current size) on trial, or
+        settle at the ceiling."""
+        base = self.current if above is None else above
+        if base >= self.ceiling:
             self._settle(self.current, "at the ceiling")
             return
-        self.candidate = min(self.ceiling, math.ceil(self.current * self.growth))
+        self.candidate = min(self.ceiling, math.ceil(base * self.growth))
         self._windows.clear()
 
     def _decide(self) -> None:
@@ -128,9 +139,14 @@ class AdaptiveBatchSize:
             self.ceiling = self.current
             self._settle(self.current, f"{candidate} rows: median latency {trial_latency * 1e3:.1f} ms over the target")
         elif gain < 1 + self.min_gain:
-            self._settle(self.current, f"{candidate} rows: throughput x{gain:.2f} of {self.current} rows, "
-                                       f"not {100 * self.min_gain:.0f}% more")
+            self._misses += 1
+            if self._misses <= self.patience and candidate < self.ceiling:
+                self._propose(above=candidate)
+            else:
+                self._settle(self.current, f"{candidate} rows: throughput x{gain:.2f} of {self.current} rows, "
+                                           f"not {100 * self.min_gain:.0f}% more")
         else:
+            self._misses = 0
             self._change(candidate, f"throughput x{gain:.2f} of {self.current} rows")
             self._propose()
 
@@ -161,6 +177,7 @@ class AdaptiveBatchSize:
         self.candidate = None
         self.settled = True
         self._settled_batches = 0
+        self._misses = 0
 
     def report(self) -> dict[str, Any]:
         """The chosen size and how it was reached (sizes tried, out-of-memory sizes, changes)."""

@@ -7,6 +7,7 @@ chunks of the adaptive batch size and retries a chunk smaller after out-of-memor
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -16,8 +17,9 @@ from tasks.inference.memory import MemoryCap
 
 
 def make_predict(model: Any, to_tensor: Callable[[np.ndarray], Any], device: Any = "cpu",
-                 controller: AdaptiveBatchSize | None = None,
-                 memory_cap: MemoryCap | None = None) -> Callable[[np.ndarray], np.ndarray]:
+                 controller: AdaptiveBatchSize | None = None, memory_cap: MemoryCap | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> Callable[[np.ndarray], np.ndarray]:
+    """``clock`` times each batch for the controller (wall time by default)."""
     import torch
 
     device = torch.device(device)
@@ -32,7 +34,7 @@ def make_predict(model: Any, to_tensor: Callable[[np.ndarray], Any], device: Any
             with torch.inference_mode():
                 return model(x[start:stop]).float().cpu()
 
-        parts = run_adaptive(chunk, len(x), controller, after_oom)
+        parts = run_adaptive(chunk, len(x), controller, after_oom, clock=clock)
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
 
     return predict

@@ -67,15 +67,18 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Colu
     return Columns(feature, label, tuple(shape) if shape else None, meta.get("scale"))
 
 
+def feature_array(table: pa.Table, feature: str) -> np.ndarray:
+    """The feature column as a NumPy matrix (rows, width), zero-copy where the layout allows."""
+    column = table.column(feature).combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        return values.reshape(len(column), column.type.list_size)
+    return column.to_numpy(zero_copy_only=False).reshape(len(column), 1)
+
+
 def to_arrays(table: pa.Table, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
     """Feature matrix (rows, ...) and labels as NumPy, zero-copy where the layout allows."""
-    column = table.column(cols.feature).combine_chunks()
-    if pa.types.is_fixed_size_list(column.type):
-        width = column.type.list_size
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        x = values.reshape(len(column), width)
-    else:
-        x = column.to_numpy(zero_copy_only=False).reshape(len(column), 1)
+    x = feature_array(table, cols.feature)
     y = table.column(cols.label).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return x, y
 
@@ -89,8 +92,16 @@ def feature_tensor(x: np.ndarray, cols: Columns):
     with warnings.catch_warnings():  # Arrow buffers are read-only; the tensors are never written
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(np.ascontiguousarray(x))
-    if cols.scale is not None:
-        return t.float().mul_(float(cols.scale))
+    return scale_features(t, cols)
+
+
+def scale_features(t, cols: Columns):
+    """A tensor of stored feature values as the model takes it, on the tensor's device:
+    float32 (scaled when the dataset says so); integer tokens stay integers."""
+    import torch
+
+    if cols.scale is not None:  # a copy: ``t`` may share a read-only Arrow buffer
+        return t.to(torch.float32, copy=True).mul_(float(cols.scale))
     return t if not t.is_floating_point() else t.float()
 
 

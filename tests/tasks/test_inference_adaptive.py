@@ -48,6 +48,22 @@ def test_grows_while_throughput_improves_and_settles_at_the_knee():
     assert [c["to"] for c in report["changes"]] == [16, 32, 64]
 
 
+def bump(rows: int) -> float:
+    """64 rows are slower per row than 32 (a kernel that suits them badly); 256 are fastest."""
+    per_row = {8: 0.0012, 16: 0.0010, 32: 0.0008, 64: 0.0009, 128: 0.0007, 256: 0.0005}.get(rows, 0.0006)
+    return 0.002 + rows * per_row
+
+
+@pytest.mark.parametrize("patience,settles_at,tried", [(0, 32, [8, 16, 32, 64]),
+                                                       (2, 256, [8, 16, 32, 64, 128, 256, 512, 1024])])
+def test_patience_grows_past_a_size_that_did_not_win(patience, settles_at, tried):
+    controller = AdaptiveBatchSize(maximum=1024, initial=8, patience=patience)
+    simulate(controller, bump, 40_000)
+    report = controller.report()
+    assert report["settled"] and report["size"] == settles_at
+    assert list(report["tried"]) == tried
+
+
 def test_trials_alternate_sizes_so_a_slowdown_hits_both():
     """The machine gets 3x slower in the middle of a trial (between a pair's two batches):
     16 rows still win over 8, where comparing the two sizes' medians would pick 8."""

@@ -1,0 +1,147 @@
+"""Input shards read ahead of the model, and one prediction shard written per input shard.
+
+Reads go through the node's shard cache for remote datasets (``shardcache::``, verified
+on fill) or straight from storage (verified against the manifest's hash), two shards in
+flight (:class:`~storage.fetcher.ShardFetcher`), and the :class:`~storage.prefetch.Prefetcher`
+keeps the next shard's rows ready while the model runs: on a GPU copied from pinned
+buffers on a side stream, on a CPU decoded on another thread.
+
+A prediction shard's name is a hash of (input shard content, model, options), so a re-run
+finds finished shards by name; it is written atomically, so a killed run never leaves a
+partial one. Each of its rows carries ``shard`` (the input shard's name in the dataset
+manifest) and ``row`` (the row in that shard): the key that joins it back to its input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from storage import atomic, codecs, formats
+from storage.dataset import Dataset
+from storage.hashing import digest_bytes
+from storage.manifest import ShardEntry
+from storage.shard_writer import PART_PREFIX
+from tasks.training.data import feature_array
+
+FORMAT = "arrow"
+PREDICTIONS_KIND = "predictions"  # the manifest's metadata ``kind`` of a prediction dataset
+READS_IN_FLIGHT = 2
+
+
+def prediction_name(entry: ShardEntry, model_hash: str, options: dict) -> str:
+    body = json.dumps({"input": [entry.name, entry.hash], "model": model_hash, "options": options}, sort_keys=True)
+    return f"{entry.split}/{PART_PREFIX}{hashlib.sha256(body.encode()).hexdigest()[:20]}.arrow"
+
+
+def present_names(fs, root: str) -> set[str]:
+    """Paths of every file under ``root``, relative to it."""
+    try:
+        found = fs.find(root)
+    except (FileNotFoundError, OSError):
+        return set()
+    prefix = fs._strip_protocol(root).rstrip("/") + "/"
+    return {p[len(prefix):] for p in found if p.startswith(prefix)}
+
+
+@dataclass
+class InputShard:
+    """An input shard's feature rows (CPU tensor of the stored dtype) and where they go."""
+
+    entry: ShardEntry
+    name: str  # of its prediction shard
+    x: Any
+    held: Any = None  # the cache's hold on the shard's file while its rows are in use
+    cache_hit: bool | None = None  # None: read straight from storage
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+            self.held = None
+
+
+def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], feature: str,
+                device: Any = None, depth: int = 1):
+    """A :class:`~storage.prefetch.Prefetcher` of ``{"x": rows, "shard": InputShard}``, in
+    ``inputs`` order; ``x`` is on ``device`` when it is a CUDA device. Release each shard
+    once predicted."""
+    from storage.cache import ShardCacheFileSystem
+    from storage.fetcher import ShardFetcher
+    from storage.loader import _with_cache
+    from storage.prefetch import Prefetcher
+
+    ds = Dataset.open(_with_cache(dataset, "auto"), storage_options)
+    cached = isinstance(ds.fs, ShardCacheFileSystem)
+
+    def read(item: tuple[ShardEntry, str]) -> InputShard:
+        entry, name = item
+        held = None
+        if cached:
+            held = ds.fs.open_table(ds.shard_path(entry), entry, ds.manifest.shard_format)
+            table = held.table
+        else:
+            table = ds.read_shard(entry, verify=True)
+        return InputShard(entry, name, _tensor(feature_array(table, feature)), held,
+                          None if held is None else held.local)
+
+    def shards() -> Iterator[dict[str, Any]]:
+        fetcher = ShardFetcher(read, inputs, depth=READS_IN_FLIGHT, size=lambda item: item[0].bytes)
+        try:
+            for shard in fetcher:
+                yield {"x": shard.x, "shard": shard}
+        finally:
+            fetcher.close()
+
+    on_gpu = device is not None and getattr(device, "type", str(device)).startswith("cuda")
+    return Prefetcher(shards(), device=device if on_gpu else None, depth=depth)
+
+
+def _tensor(x: np.ndarray):
+    import torch
+
+    with warnings.catch_warnings():  # Arrow buffers are read-only; the model never writes its input
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def write_predictions(fs, root: str, shard: InputShard, logits: np.ndarray, probabilities: bool,
+                      codec: str) -> ShardEntry:
+    """The prediction shard of ``shard``: its key columns, class, confidence (and probabilities)."""
+    from tasks.inference.predict import softmax
+
+    probs = softmax(logits.astype(np.float32))
+    rows = len(probs)
+    columns = {
+        "shard": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([shard.entry.name])),
+        "row": pa.array(np.arange(rows, dtype=np.int64)),
+        "prediction": pa.array(probs.argmax(axis=1).astype(np.int64)),
+        "confidence": pa.array(probs.max(axis=1).astype(np.float32)),
+    }
+    if probabilities:
+        columns["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
+    table = pa.table(columns)
+    data = formats.get(FORMAT).encode(table, codec, codecs.resolve(codec)[1])
+    atomic.write_bytes(fs, f"{root}/{shard.name}", data)
+    return ShardEntry(name=shard.name, split=shard.entry.split, rows=rows, bytes=len(data), hash=digest_bytes(data),
+                      raw_bytes=table.nbytes)
+
+
+def existing_entry(fs, root: str, name: str, split: str, known: dict[str, ShardEntry]) -> ShardEntry:
+    """The entry of a prediction shard an earlier run wrote: from its manifest's entries
+    (``known``, by name), else read from the shard itself (a run killed before its commit)."""
+    if name in known:
+        return known[name]
+    data = fs.cat_file(f"{root}/{name}")
+    table = formats.get(FORMAT).decode(data)
+    return ShardEntry(name=name, split=split, rows=table.num_rows, bytes=len(data), hash=digest_bytes(data),
+                      raw_bytes=table.nbytes)
+
+
+def schema_of(fs, root: str, entry: ShardEntry) -> pa.Schema:
+    return formats.get(FORMAT).decode(fs.cat_file(f"{root}/{entry.name}")).schema
