@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``ckpt-<step>`` under a checkpoint root holding
 ``tensors.safetensors`` and ``meta.json``. The tensors go first; ``meta.json`` (with the
-tensors' hash) is written last and atomically, so a folder without it is not a
-checkpoint and is ignored; a kill at any moment leaves the previous checkpoint usable.
+tensors' hash, and since version 2 a checksum of its own content) is written last and
+atomically, so a folder without it is not a checkpoint and is ignored; a kill at any
+moment leaves the previous checkpoint usable.
 Only the last ``keep_last`` checkpoints are kept.
 
 An optimized model (``swarm-model`` format) is the same kind of folder at a URL of its own:
@@ -18,12 +19,13 @@ from typing import Any
 
 from storage import atomic
 from storage.errors import ConfigError, IntegrityError, ManifestError
-from storage.hashing import digest_bytes
+from storage.hashing import check_sealed, digest_bytes, sealed_json
 from storage.urls import url_to_fs
 
 FORMAT_ID = "swarm-checkpoint"
 MODEL_FORMAT_ID = "swarm-model"
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: meta.json without a checksum
 TENSORS = "tensors.safetensors"
 META = "meta.json"
 _DIR = re.compile(r"^ckpt-(\d{9})$")
@@ -42,10 +44,12 @@ def write(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_optio
     fs, folder = url_to_fs(url, storage_options)
     folder = folder.rstrip("/")
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    if fs.exists(f"{folder}/{META}"):
+        fs.rm_file(f"{folder}/{META}")  # a folder written before stops being one before its tensors change
     atomic.write_bytes(fs, f"{folder}/{TENSORS}", data)
     doc = {"format": format_id, "version": VERSION, "tensors_hash": digest_bytes(data), "tensors_bytes": len(data),
            **meta}
-    atomic.write_bytes(fs, f"{folder}/{META}", json.dumps(doc, indent=1, default=_jsonable).encode())
+    atomic.write_bytes(fs, f"{folder}/{META}", sealed_json(doc, default=_jsonable))
     return url.rstrip("/")
 
 
@@ -125,12 +129,14 @@ def read_meta(url: str, storage_options: dict | None = None,
         meta = json.loads(fs.cat_file(f"{folder.rstrip('/')}/{META}"))
     except ValueError as exc:
         raise ManifestError(f"{url}/{META} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") not in formats or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") not in formats or meta.get("version") not in SUPPORTED_VERSIONS:
         got = meta if isinstance(meta, dict) else {}
         raise ManifestError(
-            f"{url}/{META} is not a {' or '.join(formats)} folder of version {VERSION} "
-            f"(format {got.get('format')!r}, version {got.get('version')!r})"
+            f"{url}/{META} is not a {' or '.join(formats)} folder of version "
+            f"{' or '.join(map(str, SUPPORTED_VERSIONS))} (format {got.get('format')!r}, version {got.get('version')!r})"
         )
+    check_sealed(meta, f"{url}/{META}", required=meta["version"] >= 2,
+                 fix="use an earlier checkpoint, or train (or optimize) again to rewrite it")
     return url, meta
 
 
