@@ -61,7 +61,7 @@ def save_artifact(url: str, tensors: dict[str, Any], meta: dict[str, Any], stora
 
 def rebuild(name: str, args: dict[str, Any], steps: list[dict[str, Any]]):
     """The artifact's model with the right modules and shapes, weights not yet loaded."""
-    model = build_model(name, args)
+    model = build_model(name, args, from_checkpoint=True)
     for step in steps:
         kind = step.get("step")
         if kind == "quantize":

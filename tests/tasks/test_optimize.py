@@ -285,7 +285,7 @@ def _refused(exc_type, match, **kwargs):
         prepare_optimization(OptimizeConfig(**kwargs))
 
 
-def test_bad_checkpoints_are_refused_before_any_output(digits_checkpoint, digits_dataset, tmp_path):
+def test_bad_checkpoints_are_refused_before_any_output(digits_checkpoint, digits_dataset, tmp_path, monkeypatch):
     out = tmp_path / "never"
     common = {"eval_dataset": digits_dataset, "output": str(out), "quantize": "int8-dynamic"}
     other = tmp_path / "other" / "ckpt-000000001"
@@ -303,6 +303,7 @@ def test_bad_checkpoints_are_refused_before_any_output(digits_checkpoint, digits
     meta = json.loads(meta_path.read_text())
     meta["model"]["name"] = "tasks.models.mlp:build"
     meta_path.write_bytes(sealed_json(meta))
+    monkeypatch.setenv("SWARM_TRUSTED_MODEL_MODULES", "tasks.models")  # else refused when loading
     _refused(ConfigError, "structured pruning knows .* not 'tasks.models.mlp:build'", checkpoint=factory,
              eval_dataset=digits_dataset, output=str(out), prune=0.5, structured=True)
     assert not out.exists()
