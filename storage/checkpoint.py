@@ -99,6 +99,46 @@ def latest(root_url: str, storage_options: dict | None = None) -> str | None:
     return f"{root_url.rstrip('/')}/{_name(found[-1])}" if found else None
 
 
+def latest_intact(root_url: str, storage_options: dict | None = None) -> tuple[str | None, list[str]]:
+    """The newest checkpoint under ``root_url`` whose metadata and tensors check out, and what
+    is wrong with each newer one (skipped). ``(None, [])`` without checkpoints; raises
+    :class:`IntegrityError` when there are some and every one is damaged."""
+    fs, root = url_to_fs(root_url, storage_options)
+    damaged = []
+    for step in reversed(steps(fs, root.rstrip("/"))):
+        url = f"{root_url.rstrip('/')}/{_name(step)}"
+        try:
+            check_intact(url, storage_options)
+        except (IntegrityError, ManifestError) as exc:
+            damaged.append(str(exc))
+            continue
+        return url, damaged
+    if damaged:
+        raise IntegrityError(
+            f"every checkpoint under {root_url!r} is damaged ({'; '.join(damaged)}); "
+            "start over with --no-resume (resume=False) or another checkpoint folder"
+        )
+    return None, []
+
+
+def check_intact(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """A checkpoint's metadata, once it and the tensors' hash check out (tensors not decoded)."""
+    url, meta = read_meta(url, storage_options)
+    _tensor_bytes(url, meta, storage_options, verify=True)
+    return meta
+
+
+def _tensor_bytes(url: str, meta: dict[str, Any], storage_options: dict | None, verify: bool) -> bytes:
+    fs, folder = url_to_fs(url, storage_options)
+    try:
+        data = fs.cat_file(f"{folder.rstrip('/')}/{TENSORS}")
+    except FileNotFoundError:
+        raise ManifestError(f"checkpoint {url!r} has {META} but no {TENSORS}") from None
+    if verify and digest_bytes(data) != meta.get("tensors_hash"):
+        raise IntegrityError(f"checkpoint {url}/{TENSORS} is corrupt: its hash does not match {META}")
+    return data
+
+
 def resolve(url: str, storage_options: dict | None = None) -> str:
     """A checkpoint folder, or the latest checkpoint under a root; refuses pickles."""
     lower = url.lower().rstrip("/")
@@ -149,14 +189,7 @@ def load(url: str, storage_options: dict | None = None, verify: bool = True,
     from safetensors.torch import load as st_load
 
     url, meta = read_meta(url, storage_options, formats)
-    fs, folder = url_to_fs(url, storage_options)
-    folder = folder.rstrip("/")
-    try:
-        data = fs.cat_file(f"{folder}/{TENSORS}")
-    except FileNotFoundError:
-        raise ManifestError(f"checkpoint {url!r} has {META} but no {TENSORS}") from None
-    if verify and digest_bytes(data) != meta.get("tensors_hash"):
-        raise IntegrityError(f"checkpoint {url}/{TENSORS} is corrupt: its hash does not match {META}")
+    data = _tensor_bytes(url, meta, storage_options, verify)
     try:
         tensors = st_load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
