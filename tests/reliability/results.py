@@ -51,8 +51,10 @@ class Scenario:
         self.rows_duplicated = (self.rows_duplicated or 0) + duplicated
 
     def note(self, text: str) -> None:
+        """How the scenario was measured (rendered under the table)."""
         if text not in self.notes:
             self.notes.append(text)
+            save(self)
 
     @contextmanager
     def trial(self, label: str, reraise: bool = False):
