@@ -281,9 +281,9 @@ class ShardCacheFileSystem(ChainedFileSystem):
             if exc.errno not in _DISK_FULL:
                 raise
             raise CacheError(
-                f"the shard cache folder {self.cache.root!r} is full ({exc.strerror}) while storing {name!r} "
-                f"({len(data):,} bytes); nothing half-written was left in it. Free space there, point the cache at "
-                "a larger disk (SWARM_CACHE_DIR, or the cache_dir storage option), or give it a budget the free "
+                f"the shard cache folder {self.cache.root!r} has no room for {name!r} ({len(data):,} bytes): "
+                f"{exc.strerror}; nothing half-written was left in it. Free space there, point the cache at a "
+                "larger disk (SWARM_CACHE_DIR, or the cache_dir storage option), or give it a budget the free "
                 "space holds (SWARM_CACHE_BYTES, or cache_bytes)"
             ) from None
         return True
