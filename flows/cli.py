@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deployments.console import QUIET_ENV, quiet_console
 from storage.errors import ConfigError, SwarmError
 
 app = typer.Typer(
@@ -61,36 +62,22 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-class _UserErrorFilter(logging.Filter):
-    """Drop log records of a user's mistake: the CLI prints that error once, plainly."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], SwarmError):
-            return False
-        return not (record.levelno >= logging.ERROR and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
-
-
 def _quiet_console_env() -> None:
-    """Before Prefect is imported: console logs at WARNING here and in local Dask workers.
+    """Before Prefect is imported: console logs at WARNING here and in local Dask workers,
+    and no run failures there (the CLI prints a user's mistake once, plainly).
 
     The progress bar and the summary are the CLI's output; every log still reaches the
     Prefect API and its UI.
     """
     if not os.environ.get("SWARM_DEBUG"):
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault(QUIET_ENV, "1")
 
 
 def _quiet_console() -> None:
     if os.environ.get("SWARM_DEBUG"):
         return
-    import prefect.logging.configuration  # noqa: F401 - make sure Prefect configured logging
-
-    seen = set()
-    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for handler in getattr(logger, "handlers", []):
-            if id(handler) not in seen and type(handler).__name__ == "PrefectConsoleHandler":
-                seen.add(id(handler))
-                handler.addFilter(_UserErrorFilter())
+    quiet_console()
 
 
 @contextmanager
