@@ -477,7 +477,9 @@ def remove_unreferenced(fs, root: str, keep: list[Manifest | None]) -> int:
 # --------------------------------------------------------------------------- Prefect tasks
 
 
-def _retry_unless_user_error(task, task_run, state) -> bool:
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """A task's retry condition: transient failures are retried, a user's mistake (bad input,
+    damaged data) is not, as it would fail alike."""
     try:
         state.result()
     except SwarmError:
@@ -493,7 +495,7 @@ def plan_stage_task(config: StageConfig) -> StagePlan:
     return plan_stage(config)
 
 
-@task(name="write-shards", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_user_error,
+@task(name="write-shards", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)
 def write_group_task(group: GroupTask) -> GroupResult:
     """Read one group's source rows and write its shards (idempotent)."""

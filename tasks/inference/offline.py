@@ -36,7 +36,7 @@ from storage.hashing import digest_bytes
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX
 from storage.urls import url_to_fs
-from tasks.staging import StorageAccess, remove_unreferenced
+from tasks.staging import StorageAccess, retry_unless_user_error, remove_unreferenced
 from tasks.training.data import Columns, column_transform, resolve_columns, to_arrays
 
 PREDICTIONS_KIND = "predictions"
@@ -329,7 +329,8 @@ def _prefect_tasks():
     from prefect.cache_policies import NO_CACHE
 
     plan = task(name="plan-inference", cache_policy=NO_CACHE)(plan_inference)
-    predict = task(name="predict-shards", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)(predict_group)
+    predict = task(name="predict-shards", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_unless_user_error,
+                   cache_policy=NO_CACHE)(predict_group)
     commit = task(name="commit-predictions", cache_policy=NO_CACHE)(commit_inference)
     return plan, predict, commit
 
