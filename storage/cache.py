@@ -30,7 +30,6 @@ Every other option goes to the target filesystem, so the storage options of a pl
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import mmap
@@ -46,6 +45,7 @@ from fsspec import filesystem
 from fsspec.implementations.chained import ChainedFileSystem
 
 from storage import formats, manifest as manifest_mod
+from storage.atomic import DISK_FULL
 from storage.cache_index import CacheDir, Pinned, fast_digest, parse_bytes
 from storage.dataset import check_bytes
 from storage.errors import CacheError, ConfigError, IntegrityError
@@ -59,7 +59,6 @@ VERIFY_MODES = ("always", "fill")
 #: Files above this size are fetched as concurrent ranged reads of this size.
 PART_BYTES = 16 << 20
 _PARENTS_PROBED = 3
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass
@@ -278,7 +277,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
                 reservation.abort()
                 raise
         except OSError as exc:
-            if exc.errno not in _DISK_FULL:
+            if exc.errno not in DISK_FULL:
                 raise
             raise CacheError(
                 f"the shard cache folder {self.cache.root!r} has no room for {name!r} ({len(data):,} bytes): "
