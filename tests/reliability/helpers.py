@@ -84,10 +84,17 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, code: in
     assert "internal error" not in proc.stderr, proc.stderr[-2000:]
 
 
-def cache_is_consistent(cache_root: str) -> list[str]:
-    """Problems in a shard cache folder: temporaries left, files without or failing their digest."""
+def cache_is_consistent(cache_root: str, settle_s: float = 10.0) -> list[str]:
+    """Problems in a shard cache folder: temporaries left, files without or failing their digest.
+
+    Fills still running (a reader's read-ahead threads outlive the error that stopped it)
+    get ``settle_s`` to finish first.
+    """
     problems = []
     tmp = Path(cache_root, "tmp")
+    deadline = time.monotonic() + settle_s
+    while tmp.exists() and any(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     problems += [f"temporary left: {p.name}" for p in tmp.iterdir()] if tmp.exists() else []
     data = Path(cache_root, "data")
     for path in (data.iterdir() if data.exists() else []):
