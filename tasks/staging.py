@@ -242,10 +242,8 @@ def plan_stage(config: StageConfig) -> StagePlan:
     unit_bytes = int(config.shard_size)
     if datasets.is_builtin(config.source):
         schema, units, rows, bytes_in, metadata, fp = _inspect_builtin(config.source, unit_bytes)
-    elif "://" not in config.source and not _looks_like_path(config.source):
-        datasets.open_builtin(config.source)  # raises: unknown built-in, naming the known ones
-        raise AssertionError("unreachable")
     else:
+        _refuse_unknown_builtin(config.source)
         schema, units, rows, bytes_in, metadata, fp = _inspect_files(config, unit_bytes)
     if rows == 0:
         raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
@@ -274,6 +272,7 @@ def stage_identity(config: StageConfig) -> tuple[str, bool]:
     if datasets.is_builtin(config.source):
         fp = "builtin:" + config.source
     else:
+        _refuse_unknown_builtin(config.source)
         fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
     options = config.model_dump(include=set(StageOptions.model_fields))
     body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
@@ -289,8 +288,11 @@ def stage_identity(config: StageConfig) -> tuple[str, bool]:
     return key, current
 
 
-def _looks_like_path(text: str) -> bool:
-    return "/" in text or "." in text or "*" in text
+def _refuse_unknown_builtin(source: str) -> None:
+    """A source that is neither a URL nor path-like names a built-in: refuse an unknown one by name."""
+    if "://" not in source and not ("/" in source or "." in source or "*" in source):
+        datasets.open_builtin(source)  # raises: unknown built-in, naming the known ones
+        raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:
