@@ -52,14 +52,9 @@ def parse_storage_options(pairs: list[str] | None, option: str = "--storage-opti
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e.get("loc", ())) or "value"
-        msg = e.get("msg", "invalid").removeprefix("Value error, ")
-        given = e.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"invalid {where.replace('_', '-')}{shown}: {msg}")
-    return "\n".join(lines)
+    from flows.validation import describe_validation_error
+
+    return "\n".join(describe_validation_error(exc, option_style=True))
 
 
 def _quiet_console_env() -> None:
