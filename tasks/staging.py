@@ -14,6 +14,7 @@ the ones already stored. Tasks are cut at unit boundaries, so each unit is read 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
 from tasks import datasets
 
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
+_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
 
 
 def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +98,17 @@ class StorageAccess(BaseModel):
         default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
     )
     dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_urls(self) -> "StorageAccess":
+        for name, value in self:
+            if isinstance(value, str) and any(_URL_CREDENTIALS.match(part) for part in value.split("::")):
+                raise ValueError(
+                    f"{name} carries credentials in its URL (user:password@…); parameters are shown in the Prefect "
+                    "UI, so pass credentials through the environment or a Prefect Secret block named by the storage "
+                    f"option {CREDENTIALS_OPTION!r}"
+                )
+        return self
 
 
 class StageTarget(BaseModel):
