@@ -304,6 +304,14 @@ def test_credentials_never_leak(dask_cluster, s3, bucket, secret_block, digits_c
         with Client(dask_cluster.scheduler_address) as client:
             worker_logs = json.dumps(client.get_worker_logs(n=10_000), default=str)
         assert not _leaks(worker_logs)
+    with sc.trial("credentials inside a URL parameter: refused without echoing them"):
+        url = f"s3://{SENTINEL_KEY}:{SENTINEL_SECRET}@{bucket}/digits"
+        proc = run_cli("stage", "digits", url, "--storage-option", f"endpoint_url={s3.endpoint}")
+        assert_user_error(proc, "dest carries credentials in its URL")
+        assert not _leaks(proc.stdout + proc.stderr)
+        with pytest.raises(Exception, match="dest carries credentials in its URL") as caught:
+            stage_dataset(config={"source": "digits", "dest": url})
+        assert not _leaks(str(caught.value))
     env = {"AWS_ACCESS_KEY_ID": SENTINEL_KEY, "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET}
     for label, args, debug in [
         ("swarm stage, credentials in the environment", ["stage", "digits", f"{root}/env-digits"], False),
@@ -325,7 +333,8 @@ def test_credentials_never_leak(dask_cluster, s3, bucket, secret_block, digits_c
             "botocore's own DEBUG request dumps, which carry the Authorization header; the secret key nowhere) and in "
             "the Dask workers' logs; and `swarm` "
             "commands with sentinel AWS_* variables (their own cluster inheriting them), failing ones with "
-            "SWARM_DEBUG=1 tracebacks, searched on stdout and stderr")
+            "SWARM_DEBUG=1 tracebacks, searched on stdout and stderr; a URL parameter carrying user:password@ is "
+            "refused without echoing it")
     sc.check()
 
 
