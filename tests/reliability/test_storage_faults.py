@@ -111,7 +111,8 @@ def test_every_flow_completes_byte_identical_under_transient_s3_faults(dask_clus
     sc.note(f"stage (digits to S3, ~30 shards), DDP training (2 ranks, reading through the shard cache, "
             f"checkpoints on S3), int8 optimization and offline inference, all on S3 through a proxy answering "
             f"{injected} of {requests} requests with a fault ({', '.join(f'{n} {k}' for k, n in sorted(totals.items()))}), "
-            "twice (two seeds); each flow's output compared byte for byte with a run without faults (datasets: "
+            "twice (two seeds), with the client options of tests/faults.py (botocore standard retries, 10 "
+            "attempts, 1.5 s read timeout); each flow's output compared byte for byte with a run without faults (datasets: "
             "every shard; checkpoints and models: the tensors, as meta.json records timings)")
     sc.check()
 
