@@ -1,4 +1,4 @@
-# `make run` and `make test` each build the environment on a fresh machine, then run.
+# `make run`, `make test` and `make reliability` each build the environment on a fresh machine, then run.
 PYTHON ?= python3
 VENV   ?= .venv
 # torch goes in first, pinned: an unpinned torch (or a package asking for a newer one)
@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.swarm-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test bench install clean
+.PHONY: run test reliability bench install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The reliability and security suite (kills, storage faults, corruption, bad input, security;
+# ~20 min on 2 cores). RELIABILITY.md is rewritten from the results it measures, pass or fail.
+RELIABILITY_RESULTS ?= build/reliability/results.json
+
+reliability: $(STAMP)
+	rm -f $(RELIABILITY_RESULTS)
+	SWARM_RELIABILITY_RESULTS=$(RELIABILITY_RESULTS) $(BIN)/python -m pytest -q -m reliability tests/reliability $(PYTEST_ARGS); \
+	status=$$?; \
+	$(BIN)/python -m tests.reliability.report $(RELIABILITY_RESULTS) RELIABILITY.md || status=1; \
+	exit $$status
 
 # The peer of the staging benchmark, without its dependencies (see the `bench` extra).
 MDS    ?= mosaicml-streaming==0.13.0

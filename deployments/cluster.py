@@ -45,8 +45,10 @@ def local_worker_count() -> int:
 
 
 def _start_local_cluster():
+    from deployments.console import quiet_workers
+
     gpus = gpu_count()
-    common = dict(dashboard_address=":0", silence_logs=logging.WARNING)
+    common = dict(dashboard_address=":0", silence_logs=logging.WARNING, preload=quiet_workers())
     if gpus:
         try:
             from dask_cuda import LocalCUDACluster

@@ -3,7 +3,8 @@
 Every member is pinned to its own worker (``allow_other_workers=False``) with Dask
 retries off, so Dask never re-runs one member alone: if a member fails, or its worker
 leaves the cluster, every member is cancelled and :class:`GangFailed` is raised for the
-caller to retry the whole group.
+caller to retry the whole group; a member that failed with a user error (a
+:class:`~storage.errors.SwarmError`: bad input, damaged data) raises that error instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import dask
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, SwarmError
 
 
 class GangFailed(RuntimeError):
@@ -86,6 +87,17 @@ def run_gang(runner, task, jobs: list[Any], workers: list[str], resources: dict 
         raise
 
 
+def _raise_user_error(state) -> None:
+    """A member that failed on the user's input or data fails the group with that error: a
+    retry would fail alike, and the error says what to fix."""
+    try:
+        state.result(raise_on_failure=True)
+    except SwarmError:
+        raise
+    except BaseException:  # noqa: BLE001 - any other failure is the group's to retry
+        pass
+
+
 def _problem(client, wrapped, workers) -> str | None:
     for rank, fut in enumerate(wrapped):
         if fut.status in ("error", "cancelled", "lost"):
@@ -93,6 +105,7 @@ def _problem(client, wrapped, workers) -> str | None:
         if fut.done():
             state = fut.result()
             if not state.is_completed():
+                _raise_user_error(state)
                 return f"member {rank} on {workers[rank]} ended {state.type.value}: {state.message}"
     alive = set(client.scheduler_info(n_workers=-1)["workers"])
     for rank, fut in enumerate(wrapped):

@@ -3,21 +3,40 @@
 Called as plain Python (``stage_dataset(...)``) with no ``PREFECT_API_URL`` set, Prefect
 would fall back to a temporary in-process server that Dask worker processes cannot
 reach; :class:`SwarmFlow` starts (or reuses) the managed local server before the run.
+Its parameters, from a Python call or a deployment run (the UI's form), are refused with
+a message that names each bad field and the value given.
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Callable
 
 from prefect import Flow
+from prefect.exceptions import ParameterTypeError
+from pydantic import TypeAdapter, ValidationError
 
 from deployments.runtime import ensure_prefect_api
+from flows.validation import describe_validation_error
 
 
 class SwarmFlow(Flow):
     def __call__(self, *args: Any, **kwargs: Any):
         ensure_prefect_api()
         return super().__call__(*args, **kwargs)
+
+    def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        hints = typing.get_type_hints(self.fn, include_extras=True)
+        problems = []
+        for name, value in parameters.items():
+            if name in hints:
+                try:
+                    TypeAdapter(hints[name]).validate_python(value)
+                except ValidationError as exc:
+                    problems += describe_validation_error(exc, prefix=name)
+        if problems:
+            raise ParameterTypeError(f"flow {self.name!r} received invalid parameters:\n - " + "\n - ".join(problems))
+        return super().validate_parameters(parameters)
 
 
 def swarm_flow(**options: Any) -> Callable[[Callable], SwarmFlow]:

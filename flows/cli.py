@@ -7,7 +7,6 @@ without a traceback; ``SWARM_DEBUG=1`` shows tracebacks for everything.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import traceback
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from deployments.console import QUIET_ENV, quiet_console
 from storage.errors import ConfigError, SwarmError
 
 app = typer.Typer(
@@ -51,46 +51,27 @@ def parse_storage_options(pairs: list[str] | None, option: str = "--storage-opti
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e.get("loc", ())) or "value"
-        msg = e.get("msg", "invalid").removeprefix("Value error, ")
-        given = e.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"invalid {where.replace('_', '-')}{shown}: {msg}")
-    return "\n".join(lines)
+    from flows.validation import describe_validation_error
 
-
-class _UserErrorFilter(logging.Filter):
-    """Drop log records of a user's mistake: the CLI prints that error once, plainly."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], SwarmError):
-            return False
-        return not (record.levelno >= logging.ERROR and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+    return "\n".join(describe_validation_error(exc, option_style=True))
 
 
 def _quiet_console_env() -> None:
-    """Before Prefect is imported: console logs at WARNING here and in local Dask workers.
+    """Before Prefect is imported: console logs at WARNING here and in local Dask workers,
+    and no run failures there (the CLI prints a user's mistake once, plainly).
 
     The progress bar and the summary are the CLI's output; every log still reaches the
     Prefect API and its UI.
     """
     if not os.environ.get("SWARM_DEBUG"):
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault(QUIET_ENV, "1")
 
 
 def _quiet_console() -> None:
     if os.environ.get("SWARM_DEBUG"):
         return
-    import prefect.logging.configuration  # noqa: F401 - make sure Prefect configured logging
-
-    seen = set()
-    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for handler in getattr(logger, "handlers", []):
-            if id(handler) not in seen and type(handler).__name__ == "PrefectConsoleHandler":
-                seen.add(id(handler))
-                handler.addFilter(_UserErrorFilter())
+    quiet_console()
 
 
 @contextmanager

@@ -7,12 +7,16 @@ memory) make a single PUT visible atomically, so one ``pipe_file`` is already at
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 
+from storage.errors import DestinationError
 from storage.urls import is_local
 
 TMP_PREFIX = ".tmp-"
+#: Errors of a write that found no room: a full disk, a quota, a file size limit.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def tmp_name(path: str) -> str:
@@ -33,8 +37,13 @@ def write_bytes(fs, path: str, data: bytes | memoryview) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             _remove_quietly(tmp)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                raise DestinationError(
+                    f"no room to write {path!r} ({len(data):,} bytes): {exc.strerror}; nothing half-written was "
+                    "left. Free space there, or write somewhere else"
+                ) from None
             raise
         _fsync_dir(parent)
     else:

@@ -45,9 +45,10 @@ from fsspec import filesystem
 from fsspec.implementations.chained import ChainedFileSystem
 
 from storage import formats, manifest as manifest_mod
+from storage.atomic import DISK_FULL
 from storage.cache_index import CacheDir, Pinned, fast_digest, parse_bytes
 from storage.dataset import check_bytes
-from storage.errors import ConfigError, IntegrityError
+from storage.errors import CacheError, ConfigError, IntegrityError
 from storage.manifest import Manifest, ShardEntry
 from storage.urls import is_local
 
@@ -215,7 +216,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
             if held is not None:
                 return held
             data = self._fetch_verified(path, expected)
-            if self._store(expected.key, data) and pin:
+            if self._store(expected.key, expected.name, data) and pin:
                 pinned = self.cache.open_pinned(expected.key)
                 if pinned is not None:
                     return Held(_map(pinned), pinned)
@@ -264,16 +265,26 @@ class ShardCacheFileSystem(ChainedFileSystem):
             return b"".join(self.fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise"))
         return self.fs.cat_file(path)
 
-    def _store(self, key: str, data) -> bool:
-        reservation = self.cache.reserve(key, len(data), self.wait_s)
-        if reservation is None:
-            self.stats.add(bypassed=1)
-            return False
+    def _store(self, key: str, name: str, data) -> bool:
         try:
-            reservation.commit(reservation.write(data))
-        except BaseException:
-            reservation.abort()
-            raise
+            reservation = self.cache.reserve(key, len(data), self.wait_s)
+            if reservation is None:
+                self.stats.add(bypassed=1)
+                return False
+            try:
+                reservation.commit(reservation.write(data))
+            except BaseException:
+                reservation.abort()
+                raise
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise CacheError(
+                f"the shard cache folder {self.cache.root!r} has no room for {name!r} ({len(data):,} bytes): "
+                f"{exc.strerror}; nothing half-written was left in it. Free space there, point the cache at a "
+                "larger disk (SWARM_CACHE_DIR, or the cache_dir storage option), or give it a budget the free "
+                "space holds (SWARM_CACHE_BYTES, or cache_bytes)"
+            ) from None
         return True
 
     # ------------------------------------------------------------------ tables (the loader's way in)
@@ -305,7 +316,7 @@ class ShardCacheFileSystem(ChainedFileSystem):
             with source:
                 table = formats.get(shard_format).decode(pa.py_buffer(source.buffer))
                 was_local = source.local
-            if self._store(decoded_key.key, _decoded_ipc(table)) and was_local:
+            if self._store(decoded_key.key, entry.name, _decoded_ipc(table)) and was_local:
                 self.cache.discard(expected.key)
         held = Held(None, local=was_local)
         held.table = table

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from storage.errors import ConfigError
+from storage.errors import CacheError, ConfigError
 
 DIGEST_LEN = 32  # hex chars of an xxh3-128 digest
 SIDECAR = ".xxh"
@@ -141,8 +141,14 @@ class CacheDir:
     def __init__(self, root: str, budget: int):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.budget = budget
-        for sub in ("data", "tmp", "locks"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        try:
+            for sub in ("data", "tmp", "locks"):
+                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"cannot use {self.root!r} as the shard cache folder ({exc.strerror or exc}); point SWARM_CACHE_DIR "
+                "(or the cache_dir storage option) at a writable folder"
+            ) from None
 
     def data_path(self, key: str) -> str:
         return os.path.join(self.root, "data", key)
@@ -227,8 +233,13 @@ class CacheDir:
     def _create_tmp(self, key: str, size: int) -> Reservation:
         path = os.path.join(self.root, "tmp", f"{key}.{os.getpid()}.{next(_counter)}")
         fd = _open_held(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, size + DIGEST_LEN)  # the digest sidecar's bytes are reserved here too
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, size + DIGEST_LEN)  # the digest sidecar's bytes are reserved here too
+        except BaseException:
+            _unlink(path)
+            _release(fd)
+            raise
         return Reservation(self, key, path, fd)
 
     def _scan(self) -> tuple[int, list[tuple[str, float, int]]]:

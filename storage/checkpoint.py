@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``ckpt-<step>`` under a checkpoint root holding
 ``tensors.safetensors`` and ``meta.json``. The tensors go first; ``meta.json`` (with the
-tensors' hash) is written last and atomically, so a folder without it is not a
-checkpoint and is ignored; a kill at any moment leaves the previous checkpoint usable.
+tensors' hash, and since version 2 a checksum of its own content) is written last and
+atomically, so a folder without it is not a checkpoint and is ignored; a kill at any
+moment leaves the previous checkpoint usable.
 Only the last ``keep_last`` checkpoints are kept.
 
 An optimized model (``swarm-model`` format) is the same kind of folder at a URL of its own:
@@ -18,12 +19,13 @@ from typing import Any
 
 from storage import atomic
 from storage.errors import ConfigError, IntegrityError, ManifestError
-from storage.hashing import digest_bytes
+from storage.hashing import check_sealed, digest_bytes, sealed_json
 from storage.urls import url_to_fs
 
 FORMAT_ID = "swarm-checkpoint"
 MODEL_FORMAT_ID = "swarm-model"
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: meta.json without a checksum
 TENSORS = "tensors.safetensors"
 META = "meta.json"
 _DIR = re.compile(r"^ckpt-(\d{9})$")
@@ -42,10 +44,12 @@ def write(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_optio
     fs, folder = url_to_fs(url, storage_options)
     folder = folder.rstrip("/")
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    if fs.exists(f"{folder}/{META}"):
+        fs.rm_file(f"{folder}/{META}")  # a folder written before stops being one before its tensors change
     atomic.write_bytes(fs, f"{folder}/{TENSORS}", data)
     doc = {"format": format_id, "version": VERSION, "tensors_hash": digest_bytes(data), "tensors_bytes": len(data),
            **meta}
-    atomic.write_bytes(fs, f"{folder}/{META}", json.dumps(doc, indent=1, default=_jsonable).encode())
+    atomic.write_bytes(fs, f"{folder}/{META}", sealed_json(doc, default=_jsonable))
     return url.rstrip("/")
 
 
@@ -95,6 +99,46 @@ def latest(root_url: str, storage_options: dict | None = None) -> str | None:
     return f"{root_url.rstrip('/')}/{_name(found[-1])}" if found else None
 
 
+def latest_intact(root_url: str, storage_options: dict | None = None) -> tuple[str | None, list[str]]:
+    """The newest checkpoint under ``root_url`` whose metadata and tensors check out, and what
+    is wrong with each newer one (skipped). ``(None, [])`` without checkpoints; raises
+    :class:`IntegrityError` when there are some and every one is damaged."""
+    fs, root = url_to_fs(root_url, storage_options)
+    damaged = []
+    for step in reversed(steps(fs, root.rstrip("/"))):
+        url = f"{root_url.rstrip('/')}/{_name(step)}"
+        try:
+            check_intact(url, storage_options)
+        except (IntegrityError, ManifestError) as exc:
+            damaged.append(str(exc))
+            continue
+        return url, damaged
+    if damaged:
+        raise IntegrityError(
+            f"every checkpoint under {root_url!r} is damaged ({'; '.join(damaged)}); "
+            "start over with --no-resume (resume=False) or another checkpoint folder"
+        )
+    return None, []
+
+
+def check_intact(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """A checkpoint's metadata, once it and the tensors' hash check out (tensors not decoded)."""
+    url, meta = read_meta(url, storage_options)
+    _tensor_bytes(url, meta, storage_options, verify=True)
+    return meta
+
+
+def _tensor_bytes(url: str, meta: dict[str, Any], storage_options: dict | None, verify: bool) -> bytes:
+    fs, folder = url_to_fs(url, storage_options)
+    try:
+        data = fs.cat_file(f"{folder.rstrip('/')}/{TENSORS}")
+    except FileNotFoundError:
+        raise ManifestError(f"checkpoint {url!r} has {META} but no {TENSORS}") from None
+    if verify and digest_bytes(data) != meta.get("tensors_hash"):
+        raise IntegrityError(f"checkpoint {url}/{TENSORS} is corrupt: its hash does not match {META}")
+    return data
+
+
 def resolve(url: str, storage_options: dict | None = None) -> str:
     """A checkpoint folder, or the latest checkpoint under a root; refuses pickles."""
     lower = url.lower().rstrip("/")
@@ -125,12 +169,14 @@ def read_meta(url: str, storage_options: dict | None = None,
         meta = json.loads(fs.cat_file(f"{folder.rstrip('/')}/{META}"))
     except ValueError as exc:
         raise ManifestError(f"{url}/{META} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") not in formats or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") not in formats or meta.get("version") not in SUPPORTED_VERSIONS:
         got = meta if isinstance(meta, dict) else {}
         raise ManifestError(
-            f"{url}/{META} is not a {' or '.join(formats)} folder of version {VERSION} "
-            f"(format {got.get('format')!r}, version {got.get('version')!r})"
+            f"{url}/{META} is not a {' or '.join(formats)} folder of version "
+            f"{' or '.join(map(str, SUPPORTED_VERSIONS))} (format {got.get('format')!r}, version {got.get('version')!r})"
         )
+    check_sealed(meta, f"{url}/{META}", required=meta["version"] >= 2,
+                 fix="use an earlier checkpoint, or train (or optimize) again to rewrite it")
     return url, meta
 
 
@@ -143,14 +189,7 @@ def load(url: str, storage_options: dict | None = None, verify: bool = True,
     from safetensors.torch import load as st_load
 
     url, meta = read_meta(url, storage_options, formats)
-    fs, folder = url_to_fs(url, storage_options)
-    folder = folder.rstrip("/")
-    try:
-        data = fs.cat_file(f"{folder}/{TENSORS}")
-    except FileNotFoundError:
-        raise ManifestError(f"checkpoint {url!r} has {META} but no {TENSORS}") from None
-    if verify and digest_bytes(data) != meta.get("tensors_hash"):
-        raise IntegrityError(f"checkpoint {url}/{TENSORS} is corrupt: its hash does not match {META}")
+    data = _tensor_bytes(url, meta, storage_options, verify)
     try:
         tensors = st_load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types

@@ -1,4 +1,4 @@
-"""Reading a staged dataset: manifest plus shards, with optional hash verification."""
+"""Reading a staged dataset: manifest plus shards, each checked against its recorded hash."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from storage import formats, manifest as manifest_mod
 from storage.errors import IntegrityError, ManifestError
 from storage.hashing import digest_bytes
 from storage.manifest import Manifest, ShardEntry
-from storage.urls import is_local, url_to_fs
+from storage.urls import is_local, protocol_of, url_to_fs
 
 
 @dataclass
@@ -38,18 +38,9 @@ class Dataset:
         return self.manifest.shards_for(split)
 
     def shard_path(self, entry: ShardEntry) -> str:
-        path = f"{self.root}/{entry.name}"
-        if is_local(self.fs):
-            # A symlink inside the dataset must not lead outside it.
-            real_root = os.path.realpath(self.root)
-            real = os.path.realpath(path)
-            if os.path.commonpath([real_root, real]) != real_root:
-                raise ManifestError(
-                    f"shard {entry.name!r} resolves to {real!r}, outside the dataset root {real_root!r}"
-                )
-        return path
+        return path_inside(self.fs, self.root, entry.name)
 
-    def read_shard_bytes(self, entry: ShardEntry, verify: bool = False) -> bytes:
+    def read_shard_bytes(self, entry: ShardEntry, verify: bool = True) -> bytes:
         path = self.shard_path(entry)
         try:
             data = self.fs.cat_file(path)
@@ -59,15 +50,17 @@ class Dataset:
             check_bytes(data, entry, where=path)
         return data
 
-    def read_shard(self, entry: ShardEntry, verify: bool = False) -> pa.Table:
+    def read_shard(self, entry: ShardEntry, verify: bool = True) -> pa.Table:
         data = self.read_shard_bytes(entry, verify=verify)
-        return formats.get(self.manifest.shard_format).decode(data)
+        table = formats.get(self.manifest.shard_format).decode(data)
+        check_rows(table, entry, where=f"{self.root}/{entry.name}")
+        return table
 
-    def iter_tables(self, split: str | None = None, verify: bool = False) -> Iterator[pa.Table]:
+    def iter_tables(self, split: str | None = None, verify: bool = True) -> Iterator[pa.Table]:
         for entry in self.shards(split):
             yield self.read_shard(entry, verify=verify)
 
-    def read_table(self, split: str | None = None, verify: bool = False) -> pa.Table:
+    def read_table(self, split: str | None = None, verify: bool = True) -> pa.Table:
         tables = list(self.iter_tables(split, verify=verify))
         if not tables:
             return self.schema.empty_table()
@@ -79,6 +72,19 @@ class Dataset:
             self.read_shard_bytes(entry, verify=True)
 
 
+def path_inside(fs, root: str, name: str) -> str:
+    """``root/name``; on local disk (under a shard cache too), refused where a symlink leads
+    it out of the dataset root. ``name`` is already a safe relative name (see the manifest)."""
+    path = f"{root}/{name}"
+    local = fs.fs if protocol_of(fs) == "shardcache" else fs
+    if is_local(local):
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ManifestError(f"shard {name!r} resolves to {real!r}, outside the dataset root {real_root!r}")
+    return path
+
+
 def check_bytes(data: bytes, entry: ShardEntry, where: str) -> None:
     if len(data) != entry.bytes:
         raise IntegrityError(
@@ -87,3 +93,8 @@ def check_bytes(data: bytes, entry: ShardEntry, where: str) -> None:
     got = digest_bytes(data)
     if got != entry.hash:
         raise IntegrityError(f"shard {where!r} is corrupt: hash {got} != manifest {entry.hash}")
+
+
+def check_rows(table: pa.Table, entry: ShardEntry, where: str) -> None:
+    if table.num_rows != entry.rows:
+        raise IntegrityError(f"shard {where!r} holds {table.num_rows} rows, the manifest says {entry.rows}")

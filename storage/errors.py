@@ -34,5 +34,9 @@ class IntegrityError(SwarmError):
     """Stored bytes that do not match their recorded content hash."""
 
 
+class CacheError(SwarmError):
+    """The node's shard cache cannot be used as configured (its disk is full, its folder unwritable)."""
+
+
 class QualityGateError(SwarmError):
     """A result that failed its quality gate (e.g. an optimized model that lost too much accuracy)."""

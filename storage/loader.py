@@ -40,7 +40,7 @@ from storage import formats, order
 from storage.batches import BufferProvider, Piece, StreamReader
 from storage.cache import PROTOCOL, ShardCacheFileSystem
 from storage.columns import ColumnSpec, chunk_arrays, column_specs
-from storage.dataset import Dataset, check_bytes
+from storage.dataset import Dataset, check_bytes, check_rows, path_inside
 from storage.errors import ConfigError
 from storage.fetcher import LoaderCounters
 from storage.manifest import ShardEntry
@@ -78,7 +78,8 @@ class StreamingDataset(IterableDataset):
         cache: read through the node's shard cache: ``"auto"`` (remote URLs only), True, False.
         shard_depth: shard reads kept in flight per reader.
         index_key: if set, each batch also holds the split-wide sample ids under this key.
-        verify: check shard hashes on direct (uncached) reads; cache fills always are.
+        verify: check shard hashes on direct (uncached) reads, a local file once per process
+            (then it is memory-mapped); cache fills and hits always are.
         decoded: keep and read the cache's decoded tier (memory-mapped, uncompressed Arrow):
             ``"auto"`` (default) when the split's decoded bytes fit half the cache budget,
             unless the storage options set ``decoded``; True; False.
@@ -89,7 +90,7 @@ class StreamingDataset(IterableDataset):
                  columns: list[str] | None = None, transforms: dict[str, Transform] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  storage_options: dict[str, Any] | None = None, cache: bool | str = "auto", shard_depth: int = 4,
-                 index_key: str | None = None, verify: bool = False, decoded: bool | str = "auto"):
+                 index_key: str | None = None, verify: bool = True, decoded: bool | str = "auto"):
         super().__init__()
         if cache not in (True, False, "auto"):
             raise ConfigError(f"cache={cache!r} is not allowed; allowed: True, False, 'auto'")
@@ -114,6 +115,7 @@ class StreamingDataset(IterableDataset):
         self.batches_per_epoch = order.rank_batch_count(int(self.shard_rows.sum()), self.base_spec)
         self.shard_depth = shard_depth
         self.verify = verify
+        self._checked: set[str] = set()  # shards this process found inside the root and (verify) intact
         if decoded not in (True, False, "auto"):
             raise ConfigError(f"decoded={decoded!r} is not allowed; allowed: True, False, 'auto'")
         self.decoded = decoded
@@ -270,19 +272,22 @@ class StreamingDataset(IterableDataset):
     def _read_span_now(self, span: Span) -> Piece:
         fs = self._filesystem()
         entry = self.shards[span.shard]
-        path = f"{self._root}/{entry.name}"
+        checked = entry.name in self._checked
+        path = f"{self._root}/{entry.name}" if checked else path_inside(fs, self._root, entry.name)
         fmt = self.manifest.shard_format
         held = None
         if isinstance(fs, ShardCacheFileSystem):
             held = fs.open_table(path, entry, fmt, decoded=self._decoded_tier(fs))
             table = held.table
-        elif is_local(fs) and not self.verify:
+        elif is_local(fs) and (checked or not self.verify):
             table = formats.get(fmt).decode(pa.memory_map(path))
         else:
             data = fs.cat_file(path)
             if self.verify:
                 check_bytes(data, entry, where=path)
             table = formats.get(fmt).decode(data)
+        check_rows(table, entry, where=path)
+        self._checked.add(entry.name)
         table = table.slice(span.start, span.rows)
         chunks = [(chunk_arrays(b, self.specs), b.num_rows) for b in table.to_batches() if b.num_rows]
         return Piece(chunks, held)
@@ -357,6 +362,7 @@ class StreamingDataset(IterableDataset):
             state.pop(key, None)
         state["_fs_pid"] = None
         state["_preloaded"], state["_preload_pool"] = {}, None
+        state["_checked"] = set()
         if get_spawning_popen() is None:  # shared counters only travel to worker processes
             state["_counters"] = None
         return state

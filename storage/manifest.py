@@ -3,13 +3,16 @@
 A dataset without a manifest does not exist. The manifest is written last and
 atomically, after every shard it names; it describes itself (``format``, ``version``),
 its schema, and per shard the relative name, split, rows, bytes and content hash.
-Loading refuses unknown formats and versions and any shard name that leaves the root.
+Since version 2 it carries the digest of its own content (``checksum``), so a damaged
+manifest is refused by name instead of read as a different dataset. Loading refuses
+unknown formats and versions and any shard name that leaves the root.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,12 +20,16 @@ import pyarrow as pa
 
 from storage import atomic, codecs, formats
 from storage.errors import ManifestError, SwarmError
+from storage.hashing import check_sealed, sealed_json
 from storage.urls import safe_relative
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "index.json"
 FORMAT_ID = "swarm-dataset"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 1: without a checksum
+_RESTAGE = "stage the dataset again (swarm stage …) to rewrite it"
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class Manifest:
         )
         return digest_bytes(body.encode())
 
-    def to_json(self) -> str:
+    def to_json(self) -> bytes:
         doc = {
             "format": FORMAT_ID,
             "version": VERSION,
@@ -98,7 +105,7 @@ class Manifest:
             "created": self.created,
             "shards": [asdict(s) for s in self.shards],
         }
-        return json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
+        return sealed_json(doc)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> "Manifest":
@@ -117,6 +124,7 @@ class Manifest:
                 f"{where} has version {version!r}; this build reads versions "
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
             )
+        check_sealed(doc, where, required=version >= 2, fix=_RESTAGE)
         try:
             shard_format = doc["shard_format"]
             if shard_format not in formats.FORMATS:
@@ -171,11 +179,11 @@ def _schema_b64(schema: pa.Schema) -> str:
 
 def write(fs, root: str, manifest: Manifest) -> None:
     """Commit a dataset: atomically replace ``root/index.json``."""
-    atomic.write_bytes(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}", manifest.to_json().encode())
+    atomic.write_bytes(fs, _path(root), manifest.to_json())
 
 
 def read(fs, root: str) -> Manifest:
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    path = _path(root)
     try:
         text = fs.cat_file(path)
     except FileNotFoundError:
@@ -186,7 +194,19 @@ def read(fs, root: str) -> Manifest:
 
 
 def read_if_exists(fs, root: str) -> Manifest | None:
+    """The manifest at ``root``, or None where there is none or it cannot be used (a writer
+    about to replace it, staging again for one, needs nothing from a damaged manifest)."""
+    path = _path(root)
     try:
-        return read(fs, root)
-    except ManifestError:
+        text = fs.cat_file(path)
+    except FileNotFoundError:
         return None
+    try:
+        return Manifest.from_json(text, where=path)
+    except SwarmError as exc:
+        log.warning("ignoring the manifest %r: %s", path, exc)
+        return None
+
+
+def _path(root: str) -> str:
+    return f"{root.rstrip('/')}/{MANIFEST_NAME}"

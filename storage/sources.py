@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -14,6 +14,7 @@ the ones already stored. Tasks are cut at unit boundaries, so each unit is read 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
 from tasks import datasets
 
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
+_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
 
 
 def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +98,17 @@ class StorageAccess(BaseModel):
         default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
     )
     dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_urls(self) -> "StorageAccess":
+        for name, value in self:
+            if isinstance(value, str) and any(_URL_CREDENTIALS.match(part) for part in value.split("::")):
+                raise ValueError(
+                    f"{name} carries credentials in its URL (user:password@…); parameters are shown in the Prefect "
+                    "UI, so pass credentials through the environment or a Prefect Secret block named by the storage "
+                    f"option {CREDENTIALS_OPTION!r}"
+                )
+        return self
 
 
 class StageTarget(BaseModel):
@@ -242,10 +255,8 @@ def plan_stage(config: StageConfig) -> StagePlan:
     unit_bytes = int(config.shard_size)
     if datasets.is_builtin(config.source):
         schema, units, rows, bytes_in, metadata, fp = _inspect_builtin(config.source, unit_bytes)
-    elif "://" not in config.source and not _looks_like_path(config.source):
-        datasets.open_builtin(config.source)  # raises: unknown built-in, naming the known ones
-        raise AssertionError("unreachable")
     else:
+        _refuse_unknown_builtin(config.source)
         schema, units, rows, bytes_in, metadata, fp = _inspect_files(config, unit_bytes)
     if rows == 0:
         raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
@@ -274,6 +285,7 @@ def stage_identity(config: StageConfig) -> tuple[str, bool]:
     if datasets.is_builtin(config.source):
         fp = "builtin:" + config.source
     else:
+        _refuse_unknown_builtin(config.source)
         fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
     options = config.model_dump(include=set(StageOptions.model_fields))
     body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
@@ -289,8 +301,11 @@ def stage_identity(config: StageConfig) -> tuple[str, bool]:
     return key, current
 
 
-def _looks_like_path(text: str) -> bool:
-    return "/" in text or "." in text or "*" in text
+def _refuse_unknown_builtin(source: str) -> None:
+    """A source that is neither a URL nor path-like names a built-in: refuse an unknown one by name."""
+    if "://" not in source and not ("/" in source or "." in source or "*" in source):
+        datasets.open_builtin(source)  # raises: unknown built-in, naming the known ones
+        raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:
@@ -478,7 +493,8 @@ def remove_unreferenced(fs, root: str, keep: list[Manifest | None]) -> int:
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry a failure unless it is the user's (a :class:`SwarmError`)."""
+    """A task's retry condition: transient failures are retried, a user's mistake (bad input,
+    damaged data) is not, as it would fail alike."""
     try:
         state.result()
     except SwarmError:

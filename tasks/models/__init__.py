@@ -1,7 +1,10 @@
 """Models: built-ins (mlp, cnn, transformer) behind a registry, or a user factory.
 
 A model is named by a spec: a built-in name or ``package.module:factory``, plus keyword
-arguments. Checkpoints store the spec, so a model can always be rebuilt exactly.
+arguments. Checkpoints store the spec, so a model can always be rebuilt exactly. A spec
+read from a checkpoint is data, not a choice the user made: loading one imports and calls
+a factory outside the built-ins only from a module listed in ``$SWARM_TRUSTED_MODEL_MODULES``
+(a checkpoint naming ``os:system`` would otherwise run code, as a pickle would).
 Built-in arguments the dataset determines (input size, classes, vocabulary) are filled
 in from the manifest's metadata; explicit arguments win.
 """
@@ -10,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any, Callable
 
 from storage.errors import ConfigError
 
 REGISTRY: dict[str, Callable[..., Any]] = {}
+TRUSTED_ENV = "SWARM_TRUSTED_MODEL_MODULES"
 
 
 def register(name: str, factory: Callable[..., Any], clobber: bool = False) -> None:
@@ -38,8 +43,9 @@ def builtin_names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def resolve_factory(name: str) -> Callable[..., Any]:
-    """The callable that builds ``name``: a built-in, or ``module:function`` imported."""
+def resolve_factory(name: str, from_checkpoint: bool = False) -> Callable[..., Any]:
+    """The callable that builds ``name``: a built-in, or ``module:function`` imported (for a
+    spec ``from_checkpoint``, only from a trusted module)."""
     _load_builtins()
     if name in REGISTRY:
         return REGISTRY[name]
@@ -48,6 +54,12 @@ def resolve_factory(name: str) -> Callable[..., Any]:
             f"unknown model {name!r}; built-ins: {', '.join(sorted(REGISTRY))}, or give a factory as MODULE:FUNCTION"
         )
     module_name, _, attr = name.partition(":")
+    if from_checkpoint and not _trusted(module_name):
+        raise ConfigError(
+            f"the checkpoint names model factory {name!r}, which is not a built-in: loading it would import and run "
+            f"code from module {module_name!r}. If you trust that module, allow it on every machine that loads "
+            f"the model: export {TRUSTED_ENV}={module_name} (comma-separated)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -58,9 +70,14 @@ def resolve_factory(name: str) -> Callable[..., Any]:
     return factory
 
 
-def build_model(name: str, kwargs: dict[str, Any] | None = None):
+def _trusted(module_name: str) -> bool:
+    allowed = [m.strip() for m in os.environ.get(TRUSTED_ENV, "").split(",") if m.strip()]
+    return any(module_name == m or module_name.startswith(m + ".") for m in allowed)
+
+
+def build_model(name: str, kwargs: dict[str, Any] | None = None, from_checkpoint: bool = False):
     """Instantiate a model from its spec, with a clear error for bad arguments."""
-    factory = resolve_factory(name)
+    factory = resolve_factory(name, from_checkpoint)
     try:
         model = factory(**(kwargs or {}))
     except TypeError as exc:

@@ -42,7 +42,7 @@ def load_model(url: str, storage_options: dict | None = None) -> LoadedModel:
 
         model = rebuild(name, args, steps)
     else:
-        model = build_model(name, args)
+        model = build_model(name, args, from_checkpoint=True)
         lora = meta.get("lora")
         if lora:
             from tasks.training.lora import apply_lora

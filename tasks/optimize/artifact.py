@@ -56,16 +56,12 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
 
 
 def save_artifact(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None) -> str:
-    fs, path = url_to_fs(url, storage_options)
-    old_meta = f"{path.rstrip('/')}/{ckpt.META}"
-    if fs.exists(old_meta):
-        fs.rm_file(old_meta)  # an earlier artifact stops being one before its tensors change
     return ckpt.write(url, tensors, meta, storage_options, format_id=ckpt.MODEL_FORMAT_ID)
 
 
 def rebuild(name: str, args: dict[str, Any], steps: list[dict[str, Any]]):
     """The artifact's model with the right modules and shapes, weights not yet loaded."""
-    model = build_model(name, args)
+    model = build_model(name, args, from_checkpoint=True)
     for step in steps:
         kind = step.get("step")
         if kind == "quantize":

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage import checkpoint as ckpt
 from storage.dataset import Dataset
-from storage.errors import ConfigError
+from storage.errors import ConfigError, IntegrityError
 from tasks.models import build_model, default_model, infer_args
 from tasks.training.config import TrainConfig, TrainOptions
 from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
@@ -58,9 +58,9 @@ def prepare_training(cfg: TrainConfig) -> TrainPlan:
                 f"--init-from {cfg.init_from!r} holds model {spec.get('name')!r} with {spec.get('args')}, "
                 f"not {name!r} with {args}"
             )
-    resume_from = ckpt.latest(cfg.checkpoint_dir, cfg.storage_options) if cfg.resume else None
+    resume_from = latest_checkpoint(cfg) if cfg.resume else None
     if resume_from:
-        _, old = ckpt.load(resume_from, cfg.storage_options, verify=False)
+        _, old = ckpt.read_meta(resume_from, cfg.storage_options)
         spec = old.get("model", {})
         if spec.get("name") != name or spec.get("args") != args:
             raise ConfigError(
@@ -132,7 +132,23 @@ def clear_checkpoints(cfg: TrainConfig) -> None:
 
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
-    return ckpt.latest(cfg.checkpoint_dir, cfg.storage_options)
+    """The checkpoint to resume from: the newest intact one (a damaged newer one is skipped, and said so)."""
+    url, damaged = ckpt.latest_intact(cfg.checkpoint_dir, cfg.storage_options)
+    for problem in damaged:
+        _logger().warning("not resuming from a damaged checkpoint, but from %s: %s", url, problem)
+    return url
+
+
+def _logger():
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 #: Options that change how a run executes, not what it produces.
@@ -153,7 +169,10 @@ def train_identity(cfg: TrainConfig) -> str:
 
 def training_finished(cfg: TrainConfig) -> bool:
     """Whether ``cfg.checkpoint_dir`` holds the end-of-training checkpoint of ``cfg``."""
-    latest = ckpt.latest(cfg.checkpoint_dir, cfg.storage_options)
+    try:
+        latest, _ = ckpt.latest_intact(cfg.checkpoint_dir, cfg.storage_options)
+    except IntegrityError:
+        return False
     if latest is None:
         return False
     _, meta = ckpt.read_meta(latest, cfg.storage_options)

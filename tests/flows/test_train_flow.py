@@ -154,7 +154,8 @@ def test_train_through_remote_scheduler_two_nodes(prefect_api, digits_dataset, t
     exe = os.path.join(os.path.dirname(sys.executable), "dask")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = dict(os.environ)
+    # The `dask` script's own folder comes first on its path: point it at this checkout's code.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     procs = [subprocess.Popen([exe, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)]

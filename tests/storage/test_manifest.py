@@ -8,7 +8,7 @@ import pytest
 from storage import manifest as manifest_mod
 from storage.dataset import Dataset
 from storage.errors import IntegrityError, ManifestError
-from storage.hashing import digest_bytes
+from storage.hashing import digest_bytes, sealed_json
 from storage.manifest import Manifest, ShardEntry
 
 
@@ -34,21 +34,22 @@ def test_round_trip(tmp_path):
     assert ds.manifest.shards == m.shards
     assert ds.read_table(verify=True).column("x").to_pylist() == [1, 2, 3]
     doc = json.loads((tmp_path / "index.json").read_text())
-    assert doc["format"] == "swarm-dataset" and doc["version"] == 1
+    assert doc["format"] == "swarm-dataset" and doc["version"] == 2 and doc["checksum"].startswith("sha256:")
     assert {"name", "rows", "bytes", "hash"} <= set(doc["shards"][0])
 
 
 def _edit(tmp_path, fn):
+    """Change the manifest as a crafted one would be: checksum recomputed."""
     path = tmp_path / "index.json"
     doc = json.loads(path.read_text())
     fn(doc)
-    path.write_text(json.dumps(doc))
+    path.write_bytes(sealed_json(doc))
 
 
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda d: d.update(version=99), "version 99; this build reads versions 1"),
+        (lambda d: d.update(version=99), "version 99; this build reads versions 1, 2"),
         (lambda d: d.update(format="webdataset"), "not a Swarm dataset manifest"),
         (lambda d: d.update(shard_format="orc"), "unknown shard format 'orc'"),
         (lambda d: d.update(codec="brotli"), "unknown codec 'brotli'"),
@@ -64,6 +65,22 @@ def test_reader_refuses(tmp_path, edit, message):
     _edit(tmp_path, edit)
     with pytest.raises(ManifestError, match=message):
         Dataset.open(str(tmp_path))
+
+
+def test_damage_is_detected_by_the_checksum(tmp_path):
+    _dataset(tmp_path)
+    path = tmp_path / "index.json"
+    path.write_text(path.read_text().replace('"rows": 3', '"rows": 4', 1))
+    with pytest.raises(IntegrityError, match="index.json is corrupt: its checksum does not match"):
+        Dataset.open(str(tmp_path))
+    doc = json.loads(path.read_text())
+    doc.pop("checksum")
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="'checksum' field is missing"):
+        Dataset.open(str(tmp_path))
+    doc.update(version=1)  # written before manifests carried checksums: still read
+    path.write_text(json.dumps(doc))
+    assert Dataset.open(str(tmp_path)).read_table().num_rows == 3
 
 
 def test_not_json(tmp_path):

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from storage import checkpoint as ckpt
 from storage.errors import ConfigError, DestinationError
+from storage.hashing import sealed_json
 from tasks.models import build_model
 from tasks.models.loading import load_model
 from tasks.optimize import OptimizeConfig, optimize, prepare_optimization
@@ -284,14 +285,14 @@ def _refused(exc_type, match, **kwargs):
         prepare_optimization(OptimizeConfig(**kwargs))
 
 
-def test_bad_checkpoints_are_refused_before_any_output(digits_checkpoint, digits_dataset, tmp_path):
+def test_bad_checkpoints_are_refused_before_any_output(digits_checkpoint, digits_dataset, tmp_path, monkeypatch):
     out = tmp_path / "never"
     common = {"eval_dataset": digits_dataset, "output": str(out), "quantize": "int8-dynamic"}
     other = tmp_path / "other" / "ckpt-000000001"
     shutil.copytree(digits_checkpoint, other)
     meta = json.loads((other / "meta.json").read_text())
     meta["model"]["args"]["hidden"] = [32]  # the tensors are of a [128, 64] MLP
-    (other / "meta.json").write_text(json.dumps(meta))
+    (other / "meta.json").write_bytes(sealed_json(meta))  # crafted: the checksum matches
     _refused(ConfigError, r"do not fit model 'mlp' with arguments .*hidden.*: \[32\]", checkpoint=str(other), **common)
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
     _refused(ConfigError, "not a safetensors checkpoint", checkpoint=str(tmp_path / "model.pt"), **common)
@@ -301,7 +302,8 @@ def test_bad_checkpoints_are_refused_before_any_output(digits_checkpoint, digits
     meta_path = next((tmp_path / "user").glob("ckpt-*")) / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model"]["name"] = "tasks.models.mlp:build"
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_bytes(sealed_json(meta))
+    monkeypatch.setenv("SWARM_TRUSTED_MODEL_MODULES", "tasks.models")  # else refused when loading
     _refused(ConfigError, "structured pruning knows .* not 'tasks.models.mlp:build'", checkpoint=factory,
              eval_dataset=digits_dataset, output=str(out), prune=0.5, structured=True)
     assert not out.exists()
