@@ -232,20 +232,22 @@ def _metadata_from_schema(schema: pa.Schema) -> dict[str, Any]:
     return meta
 
 
-def check_destination(dest: str, storage_options: dict[str, Any]):
+def check_destination(dest: str, storage_options: dict[str, Any], role: str = "destination"):
+    """``(fs, root)`` of a dataset's destination: a folder or a new path, in a bucket that
+    exists. ``role`` is what errors call it (the CLI argument's name)."""
     fs, root = url_to_fs(dest, storage_options)
     root = root.rstrip("/")
     try:
         if fs.isfile(root):
-            raise DestinationError(f"destination {dest!r} is an existing file; give a folder (or a new path) for the dataset")
+            raise DestinationError(f"{role} {dest!r} is an existing file; give a folder (or a new path) for the dataset")
         if protocol_of(fs) not in ("file", "local", "memory"):
             bucket = root.split("/", 1)[0]
             if not fs.exists(bucket):
-                raise DestinationError(f"destination bucket {bucket!r} does not exist ({dest!r}); create it first")
+                raise DestinationError(f"{role} bucket {bucket!r} does not exist ({dest!r}); create it first")
     except SwarmError:
         raise
     except (PermissionError, OSError) as exc:
-        raise DestinationError(f"cannot reach destination {dest!r}: {exc}") from None
+        raise DestinationError(f"cannot reach {role} {dest!r}: {exc}") from None
     return fs, root
 
 

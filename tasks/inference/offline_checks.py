@@ -47,7 +47,7 @@ def check_output(output: str, dataset: str, storage_options: dict):
     """``(fs, root)`` of an output the predictions may go to: a folder (or a new path) of
     its own, holding nothing or earlier predictions. Removing shards that the manifest does
     not name is then safe."""
-    fs, root = check_destination(output, storage_options)
+    fs, root = check_destination(output, storage_options, role="output")
     if _overlap(output, dataset, storage_options):
         raise ConfigError(f"output {output!r} overlaps dataset {dataset!r}; predictions need a folder of "
                           "their own, neither inside the dataset nor around it")

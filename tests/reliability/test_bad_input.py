@@ -57,7 +57,7 @@ CLI_CASES = [
      ["no dataset at '{tmp}/nothing'"]),
     ("infer: output is a file", "infer {ckpt} {data} {file}", ["output '{file}' is an existing file"]),
     ("infer: batch size", "infer {ckpt} {data} {out} --max-batch-size 0", ["max-batch-size", "0"]),
-    ("infer: split", "infer {ckpt} {data} {out} --split test", ["split 'test' is not in this dataset"]),
+    ("infer: split", "infer {ckpt} {data} {out} --split test", ["split 'test' is not in dataset '{data}'"]),
     ("infer: no model", "infer {tmp}/none {data} {out}", ["no checkpoint at '{tmp}/none'"]),
     ("lifecycle: source", "lifecycle --source digitz --output {out}", ["unknown built-in dataset 'digitz'"]),
     ("lifecycle: epochs", "lifecycle --epochs 0 --output {out}", ["epochs", "0"]),
