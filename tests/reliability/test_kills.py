@@ -76,10 +76,27 @@ def _parts(root: Path) -> set[str]:
     return {f for f in _files(root) if f.rsplit("/", 1)[-1].startswith("part-")}
 
 
-def _moments_note(sc, moments: Counter, states: Counter, killed: int) -> None:
-    sc.note(f"{killed} of {sum(moments.values())} runs killed (the rest had finished first); moments: "
-            + ", ".join(f"{n} {m}" for m, n in sorted(moments.items()))
-            + "; found at the kill: " + ", ".join(f"{n} {s}" for s, n in states.most_common()))
+class KillLog:
+    """Kills of one scenario: where each moment was drawn and what the kill left behind."""
+
+    def __init__(self, rng, startup_s: float):
+        self.rng, self.startup_s = rng, startup_s
+        self.moments: Counter = Counter()
+        self.states: Counter = Counter()
+        self.killed = 0
+
+    def kill(self, progress, *args: str) -> None:
+        was_killed, moment = _kill_at_random_moment(self.rng, self.startup_s, progress, *args)
+        self.killed += was_killed
+        self.moments[moment] += 1
+
+    def found(self, state: str) -> None:
+        self.states[state] += 1
+
+    def note(self, sc) -> None:
+        sc.note(f"{self.killed} of {sum(self.moments.values())} runs killed (the rest had finished first); moments: "
+                + ", ".join(f"{n} {m}" for m, n in sorted(self.moments.items()))
+                + "; found at the kill: " + ", ".join(f"{n} {s}" for s, n in self.states.most_common()))
 
 
 # --------------------------------------------------------------------------- staging
@@ -112,9 +129,7 @@ def test_sigkill_during_staging_then_rerun(dask_cluster, tmp_path, rng):
     startup_s = _clean_run(ref, "stage", new_src, str(ref), *args)
     new_hash = Dataset.open(str(ref)).manifest.content_hash()
     outputs = len(_parts(ref)) + 1  # the shards, then the manifest
-    moments: Counter = Counter()
-    states: Counter = Counter()
-    killed = 0
+    kills = KillLog(rng, startup_s)
     for trial in range(TRIALS):
         dest = tmp_path / f"trial-{trial}"
         over_old = trial % 2 == 1  # every other trial replaces an older version of the dataset
@@ -126,18 +141,16 @@ def test_sigkill_during_staging_then_rerun(dask_cluster, tmp_path, rng):
                 done = len(_parts(dest) - old_names) + (dest / "index.json").exists() * (not over_old)
                 return done / outputs
 
-            was_killed, moment = _kill_at_random_moment(rng, startup_s, progress, "stage", new_src, str(dest), *args)
-            killed += was_killed
-            moments[moment] += 1
+            kills.kill(progress, "stage", new_src, str(dest), *args)
             # Right after the kill: the old dataset or the new one, whole, never a mix.
             if (dest / "index.json").exists():
                 found = Dataset.open(str(dest))
                 found.verify()
                 version = {old_hash: "the old version", new_hash: "the new version"}.get(found.manifest.content_hash())
                 assert version, "the manifest after the kill names neither version"
-                states[f"{version} whole"] += 1
+                kills.found(f"{version} whole")
             else:
-                states[f"no dataset ({len(_parts(dest))} shards written)"] += 1
+                kills.found(f"no dataset ({len(_parts(dest))} shards written)")
             result = stage_dataset(StageConfig(source=new_src, dest=str(dest), **options))
             ds = Dataset.open(str(dest))
             assert ds.manifest.content_hash() == new_hash == result.manifest_hash
@@ -148,7 +161,7 @@ def test_sigkill_during_staging_then_rerun(dask_cluster, tmp_path, rng):
             assert set(got.column("version").to_pylist()) == {2}
             kept = {"index.json"} | {s.name for s in ds.manifest.shards} | (old_names if over_old else set())
             assert _files(dest) <= kept, f"stray files left: {sorted(_files(dest) - kept)[:5]}"
-    _moments_note(sc, moments, states, killed)
+    kills.note(sc)
     sc.note(f"24,000 rows replaced by 30,000 (each id checked) in {outputs - 1} shards; every other trial stages "
             "over the older version, which must stay whole until the new manifest commits")
     sc.check()
@@ -175,20 +188,15 @@ def test_sigkill_during_training_then_resume(dask_cluster, digits_dataset, tmp_p
     reference, ref_meta = ckpt.load(str(ref))
     total = ref_meta["step"]
     per_step = TRAIN["batch_size"] * TRAIN["world_size"]
-    moments: Counter = Counter()
-    states: Counter = Counter()
-    killed = 0
+    kills = KillLog(rng, startup_s)
     for trial in range(TRIALS):
         root = tmp_path / f"trial-{trial}"
         with sc.trial(f"trial {trial}"):
-            was_killed, moment = _kill_at_random_moment(
-                rng, startup_s, lambda: _last_step(root) / total,
-                "train", digits_dataset, "--checkpoint-dir", str(root), *TRAIN_ARGS)
-            killed += was_killed
-            moments[moment] += 1
+            kills.kill(lambda: _last_step(root) / total,
+                       "train", digits_dataset, "--checkpoint-dir", str(root), *TRAIN_ARGS)
             step = _last_step(root)
-            states["no checkpoint" if not step else "the final checkpoint" if step == total
-                   else f"a checkpoint {int(5 * step / total) * 20}-{int(5 * step / total) * 20 + 20}% in"] += 1
+            kills.found("no checkpoint" if not step else "the final checkpoint" if step == total
+                        else f"a checkpoint {int(5 * step / total) * 20}-{int(5 * step / total) * 20 + 20}% in")
             result = train_model(TrainConfig(dataset=digits_dataset, checkpoint_dir=str(root), **TRAIN))
             got, _ = ckpt.load(result.checkpoint)
             missing = (total - result.steps) * per_step
@@ -196,7 +204,7 @@ def test_sigkill_during_training_then_resume(dask_cluster, digits_dataset, tmp_p
             assert result.steps == total and result.epochs == TRAIN["epochs"]
             different = [k for k in reference if not got[k].equal(reference[k])]
             assert not different, f"weights or optimizer state differ from an uninterrupted run: {different[:5]}"
-    _moments_note(sc, moments, states, killed)
+    kills.note(sc)
     sc.note(f"digits, {TRAIN['epochs']} epochs, {total} steps of {per_step} samples, a checkpoint every 10 steps; "
             "rows counted as samples per step x steps, and the resumed run's final weights and optimizer state "
             "must equal an uninterrupted run's bit for bit, so no batch was skipped or replayed into the result")
@@ -233,19 +241,14 @@ def test_sigkill_during_offline_inference_then_rerun(dask_cluster, digits_checkp
     ref_hash = Dataset.open(str(ref)).manifest.content_hash()
     outputs = len(_parts(ref)) + 1
     expected = _expected_keys(many_shards)
-    moments: Counter = Counter()
-    states: Counter = Counter()
-    killed = 0
+    kills = KillLog(rng, startup_s)
     for trial in range(TRIALS):
         out = tmp_path / f"trial-{trial}"
         with sc.trial(f"trial {trial}"):
-            was_killed, moment = _kill_at_random_moment(
-                rng, startup_s, lambda: (len(_parts(out)) + (out / "index.json").exists()) / outputs,
-                "infer", digits_checkpoint, many_shards, str(out), "--probabilities")
-            killed += was_killed
-            moments[moment] += 1
-            states["committed" if (out / "index.json").exists() else
-                   f"no manifest ({len(_parts(out))} prediction shards)"] += 1
+            kills.kill(lambda: (len(_parts(out)) + (out / "index.json").exists()) / outputs,
+                       "infer", digits_checkpoint, many_shards, str(out), "--probabilities")
+            kills.found("committed" if (out / "index.json").exists() else
+                        f"no manifest ({len(_parts(out))} prediction shards)")
             batch_inference(InferConfig(model=digits_checkpoint, dataset=many_shards, output=str(out),
                                         probabilities=True))
             ds = Dataset.open(str(out))
@@ -255,7 +258,7 @@ def test_sigkill_during_offline_inference_then_rerun(dask_cluster, digits_checkp
             sc.rows(len(expected), lost, dup)
             assert (lost, dup) == (0, 0), f"{lost} rows lost, {dup} duplicated"
             assert _files(out) == {"index.json"} | {s.name for s in ds.manifest.shards}, "stray files left"
-    _moments_note(sc, moments, states, killed)
+    kills.note(sc)
     sc.note(f"1,797 digits rows in {outputs - 1} input shards; every prediction keyed (input shard, row) must "
             "appear once and the prediction dataset must equal an uninterrupted run's (manifest content hash)")
     sc.check()
