@@ -3,7 +3,9 @@
 Every member is pinned to its own worker (``allow_other_workers=False``) with Dask
 retries off, so Dask never re-runs one member alone: if a member fails, or its worker
 leaves the cluster, every member is cancelled and :class:`GangFailed` is raised for the
-caller to retry the whole group; a member that failed with a user error (a
+caller to retry the whole group. A member still running ``straggler_s`` after another
+finished is stuck (its peers have left every collective): its worker is restarted, since
+Dask cannot stop a running thread, and the group fails the same way; a member that failed with a user error (a
 :class:`~storage.errors.SwarmError`: bad input, damaged data) raises that error instead.
 """
 
@@ -64,7 +66,8 @@ def host_of(worker: str) -> str:
 
 
 def run_gang(runner, task, jobs: list[Any], workers: list[str], resources: dict | None = None,
-             on_poll: Callable[[], None] | None = None, poll_s: float = 0.25) -> list[Any]:
+             on_poll: Callable[[], None] | None = None, poll_s: float = 0.25,
+             straggler_s: float = 300.0) -> list[Any]:
     """Run ``task(job=jobs[i])`` on ``workers[i]`` for all i; all succeed or :class:`GangFailed`."""
     client = runner.client
     futures = []
@@ -72,6 +75,7 @@ def run_gang(runner, task, jobs: list[Any], workers: list[str], resources: dict 
         with dask.annotate(workers=[worker], allow_other_workers=False, retries=0, **({"resources": resources} if resources else {})):
             futures.append(runner.submit(task, {"job": job}))
     wrapped = [f.wrapped_future for f in futures]
+    first_done: float | None = None
     try:
         while True:
             if on_poll is not None:
@@ -81,10 +85,27 @@ def run_gang(runner, task, jobs: list[Any], workers: list[str], resources: dict 
                 raise GangFailed(problem)
             if all(w.done() for w in wrapped):
                 return [f.result() for f in futures]
+            if first_done is None and any(w.done() for w in wrapped):
+                first_done = time.monotonic()
+            if first_done is not None and time.monotonic() - first_done > straggler_s:
+                stuck = [workers[r] for r, w in enumerate(wrapped) if not w.done()]
+                client.cancel(wrapped, force=True)
+                _restart(client, stuck)
+                raise GangFailed(f"member(s) on {', '.join(stuck)} still running {straggler_s:.0f} s after the "
+                                 "others finished; their workers were restarted")
             time.sleep(poll_s)
     except BaseException:
         client.cancel(wrapped, force=True)
         raise
+
+
+def _restart(client, workers: list[str]) -> None:
+    """Restart stuck workers (their nannies start fresh processes); a worker without a nanny
+    cannot be restarted and is left to the cluster's operator."""
+    try:
+        client.restart_workers(workers, timeout=120, raise_for_error=False)
+    except Exception:  # noqa: BLE001 - best effort: the group fails and is retried either way
+        pass
 
 
 def _raise_user_error(state) -> None:

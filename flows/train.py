@@ -78,7 +78,7 @@ def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[Ra
 
         try:
             return run_gang(runner, train_rank_task, jobs, workers, resources={"GPU": 1} if gpu else None,
-                            on_poll=forward_progress)
+                            on_poll=forward_progress, straggler_s=2 * config.timeout_s)
         finally:
             client.unsubscribe_topic(PROGRESS_TOPIC)
             forward_progress()

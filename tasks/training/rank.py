@@ -78,9 +78,21 @@ def _setup(job: RankJob):
     return device
 
 
-def _teardown() -> None:
-    import torch.distributed as dist
+def _teardown(ddp=None) -> None:
+    """Leave the process group without deadlocking on the GIL.
 
+    The DDP reducer holds the process group; if the reducer is the last to let go, gloo's
+    destructor runs inside the reducer's deallocation, which holds the GIL while it joins
+    gloo's threads, and a thread finishing a collective waits for the GIL to free its
+    tensors: the rank hangs forever (seen in a resumed group). So the reducer goes first,
+    while the group is still registered, and the group is destroyed last, through
+    ``destroy_process_group``, whose destructor releases the GIL.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(ddp, DistributedDataParallel):
+        ddp.reducer = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -205,6 +217,7 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
     is_main = job.rank == 0
     report = reporter if (reporter is not None and is_main) else None
     device = _setup(job)
+    net = None
     try:
         loader = train_loader(cfg, job.columns, job.rank, job.world_size, device)
         val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device)
@@ -303,8 +316,12 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
                       cfg.storage_options, keep_last=1)
         if report is not None:
             report.finish(history)
+        if job.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank done with every collective before any leaves
         return RankResult(job.rank, step, len(history), resumed_from, checkpoint_url, history if is_main else [],
                           worker=f"{socket.gethostname()}:{os.getpid()}", attempt=job.attempt)
     finally:
-        _teardown()
+        _teardown(net)
 
