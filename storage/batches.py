@@ -78,8 +78,8 @@ class _Window:
         for index in [i for i in self.resident if ends[i] <= position]:
             self.resident.pop(index).release()
 
-    def close(self) -> None:
-        self.fetcher.close()
+    def close(self, wait: bool = False) -> None:
+        self.fetcher.close(wait=wait)
         for piece in self.resident.values():
             piece.release()
         self.resident.clear()
@@ -126,6 +126,9 @@ class StreamReader:
                 if self.on_batch is not None:
                     self.on_batch(fetcher)
                 yield lo, hi, arrays
+        except Exception:
+            window.close(wait=True)  # a failed read: the others in flight end before the error surfaces
+            raise
         finally:
             self._index = None
             window.close()

@@ -82,15 +82,19 @@ class ShardFetcher(Generic[Item, Result]):
         self._refill()
         return result
 
-    def close(self) -> None:
-        """Stop reading ahead; results nobody will consume are released."""
+    def close(self, wait: bool = False) -> None:
+        """Stop reading ahead; results nobody will consume are released.
+
+        With ``wait``, return only once the reads already running have ended: after an
+        error, nothing of this reader is still writing (a cache fill, say) when it surfaces.
+        """
         self._closed = True
         while self._pending:
             future, _ = self._pending.popleft()
             if not future.cancel():
                 future.add_done_callback(_release_result)
         self.bytes_in_flight = 0
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _release_result(future: Future) -> None:
