@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from storage import codecs, layout, manifest as manifest_mod, sources
+from storage.atomic import TMP_PREFIX
 from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
@@ -481,14 +482,22 @@ def remove_unreferenced(fs, root: str, keep: list[Manifest | None]) -> int:
         rel = path[len(prefix):] if path.startswith(prefix) else path
         base = rel.rsplit("/", 1)[-1]
         if "/" not in rel:
-            continue  # files at the root (index.json, user files) are never touched
-        if (base.startswith(PART_PREFIX) or base.startswith(".tmp-")) and rel not in names:
-            try:
-                fs.rm_file(path)
-                removed += 1
-            except (FileNotFoundError, OSError):
-                pass
+            # Files at the root (index.json, user files) are never touched, except the
+            # temporary of a manifest write that was killed before its rename.
+            if base.startswith(TMP_PREFIX) and base.endswith(f"-{manifest_mod.MANIFEST_NAME}"):
+                removed += _remove_quietly(fs, path)
+            continue
+        if (base.startswith(PART_PREFIX) or base.startswith(TMP_PREFIX)) and rel not in names:
+            removed += _remove_quietly(fs, path)
     return removed
+
+
+def _remove_quietly(fs, path: str) -> int:
+    try:
+        fs.rm_file(path)
+        return 1
+    except (FileNotFoundError, OSError):
+        return 0
 
 
 # --------------------------------------------------------------------------- Prefect tasks

@@ -132,6 +132,18 @@ def test_rerun_after_partial_write_reuses_shards(tmp_path):
     assert Dataset.open(dest).read_table().equals(open_builtin("synthetic?rows=3000&size=4").read(0, 3000))
 
 
+def test_rerun_removes_the_temporary_of_a_manifest_write_that_was_killed(tmp_path):
+    """A SIGKILL between writing the manifest's temporary and renaming it leaves that file:
+    the next commit removes it, and never a user's own file at the root."""
+    dest = tmp_path / "ds"
+    plan = plan_stage(StageConfig(source="synthetic?rows=3000&size=4", dest=str(dest), shard_size="10KB"))
+    write_group(group_tasks(plan, 1)[0])
+    (dest / ".tmp-0123456789ab-index.json").write_text('{"half": ')  # the killed write
+    (dest / "NOTES.txt").write_text("mine")
+    stage_plain(source="synthetic?rows=3000&size=4", dest=str(dest), shard_size="10KB")
+    assert sorted(p.name for p in dest.iterdir() if p.is_file()) == ["NOTES.txt", "index.json"]
+
+
 # ------------------------------------------------------------------ bad input, nothing written
 
 
