@@ -44,9 +44,25 @@ def local_worker_count() -> int:
     return max(1, int(os.environ.get("SWARM_WORKERS", 0)) or os.cpu_count() or 1)
 
 
+#: How long a local cluster waits, after a worker left, before closing that worker's nanny
+#: for good if no worker of its name came back. Dask's default, 15 s, races with the nanny:
+#: a worker that dies again as the timer of its previous death fires is unregistered for
+#: the moment its nanny restarts it, so the nanny is closed and the cluster shrinks for good
+#: (seen with workers killed ~15 s apart). Our nannies restart their workers themselves.
+LOST_WORKER_TIMEOUT = "7 days"
+
+
+def keep_nannies() -> None:
+    """Configure this process (which runs a local cluster's nannies) as above."""
+    import dask
+
+    dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT})
+
+
 def _start_local_cluster():
     from deployments.console import quiet_workers
 
+    keep_nannies()
     gpus = gpu_count()
     common = dict(dashboard_address=":0", silence_logs=logging.WARNING, preload=quiet_workers())
     if gpus:

@@ -67,4 +67,7 @@ def start_prefect(home: Path) -> PrefectServer:
 def start_dask(n_workers: int = 2):
     from distributed import LocalCluster
 
+    from deployments.cluster import keep_nannies
+
+    keep_nannies()
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
