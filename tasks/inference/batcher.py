@@ -3,6 +3,10 @@
 A batch closes when it holds ``max_batch_size`` rows or when its oldest row has waited
 ``max_wait_s``; it then goes to a free executor (see :class:`Executors`). While every
 executor is busy the batch keeps filling up to its size, since it could not start anyway.
+Rows that arrived while a batch was computing have waited already: once an executor is
+free they go at once, without waiting out ``max_wait_s`` again, so under steady load one
+batch fills while another computes (``max_wait_s`` holds back only a request that finds
+the server idle).
 A request larger than a batch is split across batches and reassembled in order. Rows
 waiting for a batch are bounded (``max_queue_rows``): past that, :class:`QueueFull`.
 :meth:`MicroBatcher.close` stops accepting, runs every waiting row without waiting for
@@ -68,6 +72,7 @@ class MicroBatcher:
         self._draining = False
         self._closed = False
         self._loop_task: asyncio.Task | None = None
+        self._last_done = float("-inf")  # when a batch last finished
 
     @property
     def in_flight_batches(self) -> int:
@@ -136,6 +141,8 @@ class MicroBatcher:
                 await self._sleep()
             deadline = self._queue[0].arrived + policy.max_wait_s
             while self.queued_rows < policy.max_batch_size and not self._draining:
+                if self._queue[0].arrived <= self._last_done and self.executors.pick() is not None:
+                    break  # these rows waited out a batch's compute already
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
@@ -172,6 +179,7 @@ class MicroBatcher:
 
     def _finish(self, task: asyncio.Task, pieces: list[tuple[_Request, int, int]]) -> None:
         self._in_flight.discard(task)
+        self._last_done = self.clock()
         self._wake.set()  # an executor is free again
         error = task.exception() if not task.cancelled() else asyncio.CancelledError()
         offset = 0

@@ -228,3 +228,29 @@ def test_a_broken_router_fails_waiting_requests_instead_of_hanging():
 
     results = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) and "router bug" in str(r) for r in results)
+
+
+
+def test_rows_that_waited_out_a_batch_go_as_soon_as_it_ends():
+    async def main():
+        gate = asyncio.Event()
+        ex = FakeExecutor(gate)
+        batcher = MicroBatcher(FakePool(ex), BatchPolicy(max_batch_size=4, max_wait_s=30.0))
+        batcher.start()
+        first = [batcher.submit(rows(i)) for i in (1, 2, 3, 4)]  # a full batch: runs at once
+        await asyncio.sleep(0.01)
+        late = [batcher.submit(rows(i)) for i in (5, 6)]  # arrive while it computes
+        await asyncio.sleep(0.01)
+        gate.set()  # the batch ends: the two waiting rows go now, not 30 s later
+        results = await asyncio.wait_for(asyncio.gather(*first, *late), 5)
+        lone = batcher.submit(rows(7))  # arrives at an idle server: waits for company
+        await asyncio.sleep(0.05)
+        held = ex.batches[:]
+        batcher.drain()
+        await asyncio.wait_for(lone, 5)
+        await batcher.close()
+        return ex, results, held
+
+    ex, results, held = asyncio.run(main())
+    assert ex.batches == [4, 2, 1] and held == [4, 2]
+    assert [r[0, 0] for r in results] == [2, 4, 6, 8, 10, 12]
