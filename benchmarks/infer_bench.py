@@ -247,8 +247,10 @@ def main() -> None:
     online_rows = None
     if not args.skip_online:
         from deployments.cluster import close_local_cluster
+        from deployments.runtime import stop_owned_servers
 
         close_local_cluster()  # the online server gets the cores to itself
+        stop_owned_servers()
         summary.update(serve_bench.online(args, checkpoint, x, classes))
         online_rows = summary["levels"]
     plot(runs, online_rows, Path(args.bench_plot), args)

@@ -141,6 +141,16 @@ def ensure_prefect_api() -> str:
     return server.url
 
 
+def stop_owned_servers() -> None:
+    """Stop the Prefect servers this process started now rather than at exit (a benchmark
+    hands the cores to what it measures next); ``PREFECT_API_URL`` no longer points at them."""
+    while _OWNED:
+        server = _OWNED.pop()
+        server.stop()
+        if os.environ.get("PREFECT_API_URL") == server.url:
+            del os.environ["PREFECT_API_URL"]
+
+
 def serve_forever(port: int | None = None, host: str = "127.0.0.1") -> None:
     """Run the managed server in the foreground (``swarm server``) and record it for reuse."""
     home = state_dir()
