@@ -121,6 +121,20 @@ def dask_runner(dask_address: str | None = None) -> Iterator:
         raise
 
 
+def map_groups(runner, task, groups: list, progress) -> list:
+    """Run ``task(group=g)`` for every group on ``runner``, advancing ``progress`` by each
+    result's ``rows`` as it completes; the results, in completion order."""
+    from prefect.futures import as_completed
+
+    futures = [runner.submit(task, {"group": g}) for g in groups]
+    results = []
+    for future in as_completed(futures):
+        result = future.result()
+        results.append(result)
+        progress.advance(result.rows)
+    return results
+
+
 def worker_count(runner, resource: str | None = None) -> int:
     """Workers of the runner's cluster (those advertising ``resource`` when given), at least 1."""
     workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prefect.futures import as_completed
-
-from deployments.cluster import dask_runner, gpu_tasks, worker_count
+from deployments.cluster import dask_runner, gpu_tasks, map_groups, worker_count
 from deployments.progress import Progress
 from flows.base import swarm_flow
 from tasks import artifacts
@@ -34,11 +32,7 @@ def batch_inference(config: InferConfig) -> InferResult:
             rows = sum(e.rows for e, _ in plan.todo)
             progress = Progress(f"predicting {rows:,} rows in {len(plan.todo)} shard(s)", total=rows)
             began = time.perf_counter()
-            futures = [runner.submit(predict_group_task, {"group": g}) for g in groups]
-            for future in as_completed(futures):
-                out = future.result()
-                outputs.append(out)
-                progress.advance(out.rows)
+            outputs = map_groups(runner, predict_group_task, groups, progress)
             predict_seconds = time.perf_counter() - began
             progress.finish()
     result = commit_inference_task(plan, outputs, time.perf_counter() - started, predict_seconds)

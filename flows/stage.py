@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 
-from prefect.futures import as_completed
-
 from tasks import artifacts
-from deployments.cluster import dask_runner, worker_count
+from deployments.cluster import dask_runner, map_groups, worker_count
 from deployments.progress import Progress
 from flows.base import swarm_flow
 from tasks.staging import (
@@ -30,11 +28,7 @@ def stage_dataset(config: StageConfig) -> StageResult:
         with dask_runner(config.dask_address) as runner:
             groups = group_tasks(plan, n_groups=worker_count(runner))
             progress = Progress(f"staging {plan.rows:,} rows into {plan.shard_count} shard(s)", total=plan.rows)
-            futures = [runner.submit(write_group_task, {"group": g}) for g in groups]
-            for future in as_completed(futures):
-                result = future.result()
-                results.append(result)
-                progress.advance(result.rows)
+            results = map_groups(runner, write_group_task, groups, progress)
             progress.finish()
     result = commit_task(plan, results, time.perf_counter() - started)
     artifacts.table("stage-dataset", [summary_row(result)], description=f"Staged {config.source} -> {config.dest}")
