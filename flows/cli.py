@@ -436,6 +436,7 @@ def print_infer_summary(result) -> None:
             ("throughput", f"{result.rows_per_second:,.0f} rows/s on {', '.join(result.devices) or '-'} "
                            f"(data stall {100 * result.data_stall_share:.1f}%)"),
             ("batch sizes chosen", sizes + (f"; out of memory at {', '.join(map(str, oom))} rows" if oom else "")),
+            ("kernels", ", ".join(sorted({b["kernel"] for b in result.batch_sizes if b.get("kernel")})) or "-"),
             ("time", f"{result.seconds:.1f} s"),
             ("Prefect UI", ui_url() or "-"),
         ],

@@ -46,7 +46,8 @@ def batch_inference(config: InferConfig) -> InferResult:
         artifacts.table("batch-sizes", [
             {"group": b["group"], "worker": b["worker"], "device": b["device"], "chosen": b["size"],
              "tried": ", ".join(f"{k}: {v['rows_per_s']:,.0f} rows/s" for k, v in b["tried"].items()) or "-",
-             "timed_by": b.get("timed_by", "-"), "out_of_memory_at": ", ".join(map(str, b["out_of_memory_at"])) or "-"}
+             "timed_by": b.get("timed_by", "-"), "kernel": b.get("kernel") or "-",
+             "out_of_memory_at": ", ".join(map(str, b["out_of_memory_at"])) or "-"}
             for b in result.batch_sizes
         ], description="Batch sizes chosen per task (adaptive: the size it settled on or was using at the end)")
     return result

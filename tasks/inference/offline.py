@@ -234,6 +234,7 @@ def _controller(group: InferGroup, device) -> Any:
 def predict_group(group: InferGroup) -> GroupOutput:
     """Predict every input shard of ``group`` and write its prediction shard."""
     from tasks.allocator import steady_allocator
+    from tasks.inference.kernels import PROBE_ROWS, fastest_forward
     from tasks.inference.predict import make_predict
     from tasks.models.loading import load_model
     from tasks.training.data import scale_features
@@ -248,7 +249,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
     fs, root = url_to_fs(cfg.output, cfg.storage_options)
     root = root.rstrip("/")
     entries, rows, hits, misses = [], 0, 0, 0
-    predict = None
+    predict, kernel = None, None
     inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols.feature, device)
     with steady_allocator():
         for item in inputs:
@@ -256,7 +257,10 @@ def predict_group(group: InferGroup) -> GroupOutput:
             x = scale_features(item["x"], cols)
             if predict is None:
                 cap = _memory_cap(loaded, model, x, cols, cfg.memory_cap_mb)
-                predict = make_predict(model, lambda t: t, device, controller=controller, memory_cap=cap, clock=clock)
+                probe = x[:min(len(x), controller.maximum, PROBE_ROWS)]
+                forward, kernel = fastest_forward(model, probe, device,
+                                                  key=(loaded.url, loaded.meta.get("tensors_hash")))
+                predict = make_predict(forward, lambda t: t, device, controller=controller, memory_cap=cap, clock=clock)
             logits = predict(x)
             entries.append(write_predictions(fs, root, shard, logits, cfg.probabilities, cfg.codec))
             shard.release()
@@ -264,7 +268,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
             hits += shard.cache_hit is True
             misses += shard.cache_hit is False
     return GroupOutput(group.index, entries, rows, time.perf_counter() - started,
-                       {**controller.report(), "timed_by": timed_by},
+                       {**controller.report(), "timed_by": timed_by, "kernel": kernel},
                        worker=f"{socket.gethostname()}:{os.getpid()}", device=str(device),
                        stall_s=inputs.stats.stall_s, cache_hits=hits, cache_misses=misses)
 

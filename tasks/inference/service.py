@@ -20,6 +20,7 @@ from tasks.inference.adaptive import AdaptiveBatchSize
 from tasks.inference.batcher import BatchPolicy, MicroBatcher
 from tasks.inference.config import ServeConfig
 from tasks.inference.inputs import InputSpec
+from tasks.inference.kernels import PROBE_ROWS, fastest_forward
 from tasks.inference.memory import MemoryCap, activation_bytes_per_row
 from tasks.inference.metrics import ServeMetrics
 from tasks.inference.predict import make_predict
@@ -50,6 +51,7 @@ class InferenceService:
             cap = MemoryCap(int(config.memory_cap_mb * 2**20), bytes_per_row)
         devices = _devices(config.device, config.replicas)
         self.controllers: list[AdaptiveBatchSize | None] = []
+        self.kernels: list[str] = []  # per replica: the CPU kernel path it runs (tasks.inference.kernels)
         replicas = []
         for index, device in enumerate(devices):
             model = loaded.model if index == 0 else copy.deepcopy(loaded.model)
@@ -60,8 +62,17 @@ class InferenceService:
                 controller = AdaptiveBatchSize(config.max_batch_size, initial=config.initial_batch_size,
                                                latency_target_s=target)
             self.controllers.append(controller)
-            predict = make_predict(model, self.spec.to_tensor, device, controller, cap)
             threads = config.replica_threads() if torch.device(device).type == "cpu" else None
+            probe = self.spec.to_tensor(_probe_rows(self.spec, min(config.max_batch_size, PROBE_ROWS)))
+            outer = torch.get_num_threads()
+            torch.set_num_threads(threads or outer)  # chosen with the threads the replica will have
+            try:
+                forward, kernel = fastest_forward(model, probe.to(device), device,
+                                                  key=(loaded.url, loaded.meta.get("tensors_hash")))
+            finally:
+                torch.set_num_threads(outer)
+            self.kernels.append(kernel)
+            predict = make_predict(forward, self.spec.to_tensor, device, controller, cap)
             replicas.append(Replica(index, predict, threads, observe=self._batch_done))
         self.pool = ReplicaPool(replicas)
         self.metrics = ServeMetrics(self, config.max_batch_size)
@@ -108,7 +119,15 @@ class InferenceService:
             "max_batch_size": self.max_batch_size,
             "max_wait_ms": self.config.max_wait_ms,
             "batch_sizes": [c.report() if c else None for c in self.controllers],
+            "kernels": self.kernels,
         }
+
+
+def _probe_rows(spec: InputSpec, rows: int) -> np.ndarray:
+    """Rows to choose a replica's kernel path on (deterministic; features in [0, 1))."""
+    if spec.tokens:
+        return np.zeros((rows, spec.width), dtype=np.int64)
+    return np.random.default_rng(0).random((rows, spec.width), dtype=np.float32)
 
 
 def _devices(device: str, replicas: int) -> list[str]:
