@@ -366,6 +366,7 @@ def serve(
     latency_target_ms: Optional[float] = typer.Option(None, "--latency-target-ms", help="Adaptive: keep batch compute under this"),
     memory_cap_mb: Optional[float] = typer.Option(None, "--memory-cap-mb", help="CPU: treat batches over this activation memory as OOM"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    kernel: str = typer.Option("auto", "--kernel", help="CPU: auto (the faster of oneDNN and eager, tried at start) | eager"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
 ) -> None:
     """Serve a model over HTTP: batched requests across replicas, until Ctrl-C or SIGTERM (drains first)."""
@@ -375,7 +376,7 @@ def serve(
         model=model, replicas=replicas, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, port=port, host=host,
         max_queue_rows=max_queue_rows, max_request_rows=max_request_rows, max_body_bytes=max_body_bytes,
         threads_per_replica=threads_per_replica, adaptive=adaptive, latency_target_ms=latency_target_ms,
-        memory_cap_mb=memory_cap_mb, device=device, storage_options=parse_storage_options(storage_option),
+        memory_cap_mb=memory_cap_mb, device=device, kernel=kernel, storage_options=parse_storage_options(storage_option),
     )
     from tasks.inference.server import serve as run_server
 
@@ -403,6 +404,7 @@ def infer(
     codec: str = typer.Option("zstd", "--codec", help="zstd|lz4|none (prediction shards)"),
     memory_cap_mb: Optional[float] = typer.Option(None, "--memory-cap-mb", help="CPU: batches over this activation memory count as OOM"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (auto: a worker's GPU when it has one)"),
+    kernel: str = typer.Option("auto", "--kernel", help="CPU: auto (the faster of oneDNN and eager, tried per task) | eager"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
     dask_address: Optional[str] = DaskAddress,
 ) -> None:
@@ -412,7 +414,7 @@ def infer(
     config = InferConfig(
         model=model, dataset=dataset, output=output, max_batch_size=max_batch_size,
         latency_target_ms=latency_target_ms, adaptive=adaptive, split=split, probabilities=probabilities, codec=codec,
-        memory_cap_mb=memory_cap_mb, device=device, storage_options=parse_storage_options(storage_option),
+        memory_cap_mb=memory_cap_mb, device=device, kernel=kernel, storage_options=parse_storage_options(storage_option),
         dask_address=dask_address,
     )
     _prepare_runtime()

@@ -28,6 +28,8 @@ class ServeConfig(BaseModel):
     latency_target_ms: float | None = Field(None, gt=0, description="Adaptive: stop growing batches whose compute passes this")
     memory_cap_mb: float | None = Field(None, gt=0, description="CPU: treat batches whose activations pass this as out-of-memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, replicas spread over GPUs")
+    kernel: Literal["auto", "eager"] = Field(
+        "auto", description="CPU: auto tries oneDNN against eager at start and keeps the faster; eager: the model as is")
     host: str = Field("127.0.0.1", description="Interface to bind")
     port: int = Field(8000, ge=0, le=65_535, description="Port (0: a free one)")
     storage_options: dict[str, Any] = Field(default_factory=dict)

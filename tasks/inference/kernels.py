@@ -13,7 +13,8 @@ tolerance, same class per row), and keeps the fastest. Models with other paramet
 layers (int8, LoRA, reduced precision, embeddings, attention), GPU devices and torch
 builds without oneDNN keep eager without a trial. Figures are in BENCHMARKS.md.
 
-The choice is remembered per process for (model, device, probe shape), so tasks that
+``--kernel eager`` (``kernel="eager"`` in the configs) turns the trial off. The choice is
+remembered per process for (model, device, probe shape), so tasks that
 load the same model again on a worker do not measure again.
 """
 
@@ -30,14 +31,16 @@ _CHOICES: dict[tuple, str] = {}
 _MAX_CHOICES = 64
 
 
-def fastest_forward(model: Any, probe: Any, device: Any, key: tuple | None = None) -> tuple[Callable, str]:
+def fastest_forward(model: Any, probe: Any, device: Any, key: tuple | None = None,
+                    kernel: str = "auto") -> tuple[Callable, str]:
     """``(forward, kernel)``: ``forward(x)`` computes ``model(x)`` for dense ``x`` on the
     fastest path for batches like ``probe`` (a tensor of rows on ``device``); ``kernel``
     names it (``eager``, ``onednn``, ``onednn-layers``). ``key`` identifies the model
-    across loads (e.g. its checkpoint hash) for the per-process memory of the choice."""
+    across loads (e.g. its checkpoint hash) for the per-process memory of the choice.
+    ``kernel="eager"`` skips the trial and runs the model as it is."""
     import torch
 
-    if torch.device(device).type != "cpu" or not _convertible(model):
+    if kernel == EAGER or torch.device(device).type != "cpu" or not _convertible(model):
         return model, EAGER
     memo = None if key is None else (*key, str(device), tuple(probe.shape))
     known = _CHOICES.get(memo) if memo is not None else None

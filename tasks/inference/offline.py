@@ -66,6 +66,8 @@ class InferOptions(BaseModel):
     latency_target_ms: float | None = Field(None, gt=0, description="Stop growing batches whose compute passes this")
     memory_cap_mb: float | None = Field(None, gt=0, description="Batches whose activations pass this count as OOM")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the worker's GPU when it has one")
+    kernel: Literal["auto", "eager"] = Field(
+        "auto", description="CPU: auto tries oneDNN against eager per task and keeps the faster; eager: the model as is")
     probabilities: bool = Field(False, description="Also write each row's class probabilities")
     codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Codec of the prediction shards")
 
@@ -258,7 +260,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
             if predict is None:
                 cap = _memory_cap(loaded, model, x, cols, cfg.memory_cap_mb)
                 probe = x[:min(len(x), controller.maximum, PROBE_ROWS)]
-                forward, kernel = fastest_forward(model, probe, device,
+                forward, kernel = fastest_forward(model, probe, device, kernel=cfg.kernel,
                                                   key=(loaded.url, loaded.meta.get("tensors_hash")))
                 predict = make_predict(forward, lambda t: t, device, controller=controller, memory_cap=cap, clock=clock)
             logits = predict(x)

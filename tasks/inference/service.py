@@ -67,7 +67,7 @@ class InferenceService:
             outer = torch.get_num_threads()
             torch.set_num_threads(threads or outer)  # chosen with the threads the replica will have
             try:
-                forward, kernel = fastest_forward(model, probe.to(device), device,
+                forward, kernel = fastest_forward(model, probe.to(device), device, kernel=config.kernel,
                                                   key=(loaded.url, loaded.meta.get("tensors_hash")))
             finally:
                 torch.set_num_threads(outer)

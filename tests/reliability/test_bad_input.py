@@ -59,6 +59,7 @@ CLI_CASES = [
     ("infer: batch size", "infer {ckpt} {data} {out} --max-batch-size 0", ["max-batch-size", "0"]),
     ("infer: split", "infer {ckpt} {data} {out} --split test", ["split 'test' is not in dataset '{data}'"]),
     ("infer: no model", "infer {tmp}/none {data} {out}", ["no checkpoint at '{tmp}/none'"]),
+    ("infer: kernel", "infer {ckpt} {data} {out} --kernel fast", ["kernel", "'fast'", "'auto' or 'eager'"]),
     ("lifecycle: source", "lifecycle --source digitz --output {out}", ["unknown built-in dataset 'digitz'"]),
     ("lifecycle: epochs", "lifecycle --epochs 0 --output {out}", ["epochs", "0"]),
     ("lifecycle: world size", "lifecycle --world-size 0 --output {out}", ["world-size", "0"]),
@@ -67,6 +68,7 @@ CLI_CASES = [
     ("serve: limits", "serve {ckpt} --max-request-rows 2000 --max-queue-rows 100",
      ["max_request_rows (2000) must not exceed max_queue_rows (100)"]),
     ("serve: replicas", "serve {ckpt} --replicas 0", ["replicas", "0"]),
+    ("serve: kernel", "serve {ckpt} --kernel fast", ["kernel", "'fast'", "'auto' or 'eager'"]),
     ("serve: port in use", "serve {ckpt} --port {port}", ["cannot listen on 127.0.0.1:{port}"]),
     ("unknown command", "frobnicate", ["No such command 'frobnicate'"]),
 ]
