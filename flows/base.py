@@ -4,7 +4,8 @@ Called as plain Python (``stage_dataset(...)``) with no ``PREFECT_API_URL`` set,
 would fall back to a temporary in-process server that Dask worker processes cannot
 reach; :class:`SwarmFlow` starts (or reuses) the managed local server before the run.
 Its parameters, from a Python call or a deployment run (the UI's form), are refused with
-a message that names each bad field and the value given.
+a message that names each bad field and the value given. Direct calls run without
+flow-run heartbeats (see :meth:`SwarmFlow.__call__`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 from prefect import Flow
 from prefect.exceptions import ParameterTypeError
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from pydantic import TypeAdapter, ValidationError
 
 from deployments.runtime import ensure_prefect_api
@@ -23,7 +25,13 @@ from flows.validation import describe_validation_error
 class SwarmFlow(Flow):
     def __call__(self, *args: Any, **kwargs: Any):
         ensure_prefect_api()
-        return super().__call__(*args, **kwargs)
+        # A direct call (Python, the swarm CLI, a parent flow) blocks its caller, who sees the
+        # run end or crash; flow-run heartbeats serve runs that workers start from deployments
+        # (zombie detection), and those do not come through here. Prefect's heartbeat thread
+        # sleeps in whole seconds and is joined when the run ends, so with it every call
+        # lasted up to a second longer than its work (BENCHMARKS.md, staging).
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return super().__call__(*args, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         hints = typing.get_type_hints(self.fn, include_extras=True)

@@ -71,3 +71,21 @@ def start_dask(n_workers: int = 2):
 
     keep_nannies()
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
+def settled_task_runs(flow_run_id, timeout: float = 30.0) -> list:
+    """The task runs of a flow run once none of them is still pending or running.
+
+    Prefect 3 reports task-run states as events, which the server applies shortly after the
+    flow call has returned: read right away, the last task can still show ``Running``.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)

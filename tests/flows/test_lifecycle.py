@@ -4,15 +4,12 @@ import pytest
 
 from tasks.optimize.config import OptimizeOptions
 from tasks.training import TrainOptions
+from tests.services import settled_task_runs
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
     """The lifecycle's stage tasks (stage, train, optimize, infer) and the names of their states."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = settled_task_runs(flow_run_id)
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.name.rsplit("-", 1)[0] in
             ("stage", "train", "optimize", "infer")}
 

@@ -13,15 +13,16 @@ from storage.dataset import Dataset
 from tasks.datasets import open_builtin
 from tasks.staging import StageConfig
 from tests.conftest import ROOT, run_cli
+from tests.services import settled_task_runs
 from tests.tables import rich_table
 
 
 def _prefect_records(flow_run_id):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    runs = settled_task_runs(flow_run_id)
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return runs, arts
 
