@@ -179,6 +179,66 @@ class ServingServer(uvicorn.Server):
             self.request_shutdown()
 
 
+#: A request's head (request line and headers) at most: h11's bound, which httptools lacks.
+MAX_HEAD_BYTES = 16 * 1024
+
+
+def _http_protocol():
+    """uvicorn's httptools protocol with the head bounded as h11 bounds it, or h11 where
+    httptools is not installed.
+
+    httptools (llhttp) takes a header of any size: a 1 MB header was served with 200. Here a
+    head whose request line and headers pass :data:`MAX_HEAD_BYTES` gets 431 and the
+    connection is closed, whether it came in one read (checked when the head is complete)
+    or in many (bytes fed while it is incomplete are counted), so a head costs at most the
+    bound plus one read.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class HeadTooLarge(Exception):
+        pass
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _in_head = False
+        _head_bytes = 0
+        _too_large = False
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEAD_BYTES:
+                self._too_large = True
+                raise HeadTooLarge  # the parser stops; uvicorn answers through send_400_response
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._too_large = True
+                    self.send_400_response("")
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._too_large:
+                super().send_400_response(msg)
+                return
+            message = f"request line and headers over {MAX_HEAD_BYTES:,} bytes".encode()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"content-type: text/plain; charset=utf-8\r\n"
+                                 b"content-length: " + str(len(message)).encode() + b"\r\n"
+                                 b"connection: close\r\n\r\n" + message)
+            self.transport.close()
+
+    return BoundedHttpToolsProtocol
+
+
 def bind(host: str, port: int) -> socket.socket:
     # The protocol must be given: asyncio sets TCP_NODELAY only on sockets whose proto is
     # IPPROTO_TCP, and without it every response (headers, then body) waits out the
@@ -207,8 +267,9 @@ def _server(config: ServeConfig, on_ready: Callable[[str], None] | None = None):
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    uv_config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
-                               timeout_keep_alive=30, backlog=4096)
+    uv_config = uvicorn.Config(create_app(service), http=_http_protocol(), log_level="warning", access_log=False,
+                               lifespan="on", timeout_keep_alive=30, backlog=4096,
+                               h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     server = ServingServer(uv_config, service, (lambda: on_ready(url)) if on_ready else None)
     return server, sock, url
 

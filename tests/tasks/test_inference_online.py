@@ -114,6 +114,22 @@ def test_bad_payloads_get_4xx_with_a_message(server, body, code, message):
     assert message in response.json()["error"]
 
 
+def test_request_heads_are_bounded(server):
+    from tasks.inference.server import MAX_HEAD_BYTES
+
+    ok = httpx.post(f"{server.url}/predict", json={"inputs": [[0.0] * 64]},
+                    headers={"X-Pad": "a" * (MAX_HEAD_BYTES // 2)}, timeout=30)
+    assert ok.status_code == 200
+    try:
+        refused = httpx.post(f"{server.url}/predict", json={"inputs": [[0.0] * 64]},
+                             headers={"X-Pad": "a" * (4 * MAX_HEAD_BYTES)}, timeout=30)
+    except httpx.TransportError:  # closed while the client was still sending its head
+        refused = None
+    if refused is not None:
+        assert refused.status_code == 431 and f"over {MAX_HEAD_BYTES:,} bytes" in refused.text
+    assert httpx.post(f"{server.url}/predict", json={"inputs": [[0.0] * 64]}).status_code == 200
+
+
 def test_oversize_body_without_content_length_is_refused(server):
     def chunks():
         for _ in range(100):
