@@ -47,11 +47,14 @@ class _Window:
     plan: StreamPlan
     next_span: int
     fetcher: ShardFetcher
+    depth: Callable[[], int] | None = None  # reads in flight, asked each time a span is taken
     resident: dict[int, Piece] = field(default_factory=dict)
 
     def ensure(self, hi: int) -> None:
         ends = self.plan.span_ends
         while self.next_span < len(ends) and (self.next_span == 0 or ends[self.next_span - 1] < hi):
+            if self.depth is not None:
+                self.fetcher.depth = self.depth()
             self.resident[self.next_span] = next(self.fetcher)
             self.next_span += 1
 
@@ -101,11 +104,14 @@ class _Run:
 class StreamReader:
     """The batches of one stream plan, read through ``read_span``."""
 
+    #: Batches between two calls of ``on_progress`` (and one more call when the stream ends).
+    REPORT_EVERY = 16
+
     def __init__(self, plan: StreamPlan, read_span: Callable[[Span], Piece], span_bytes: Callable[[Span], int],
                  specs: list[ColumnSpec], depth: int = 4, fetch_depth: Callable[[], int] | None = None,
-                 on_batch: Callable[[ShardFetcher], None] | None = None):
+                 on_progress: Callable[[ShardFetcher, int], None] | None = None):
         self.plan, self.read_span, self.span_bytes, self.specs = plan, read_span, span_bytes, specs
-        self.fetch_depth, self.on_batch = fetch_depth, on_batch
+        self.fetch_depth, self.on_progress = fetch_depth, on_progress
         # A shuffle window's spans are all needed at once: read the next window's meanwhile.
         self.depth = max(depth, self.spans_per_block() + 1) if plan.shuffled else depth
 
@@ -122,12 +128,12 @@ class StreamReader:
         start = int(offsets[first]) // size * size if plan.shuffled else int(offsets[first])
         first_span = int(np.searchsorted(plan.span_ends, start, side="right"))
         fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], depth=self.depth, size=self.span_bytes)
-        window = _Window(plan, first_span, fetcher)
+        depth = (lambda: max(self.fetch_depth(), self.depth)) if self.fetch_depth is not None else None
+        window = _Window(plan, first_span, fetcher, depth)
         run: _Run | None = None
+        made = 0  # batches since on_progress was last called
         try:
             for i in range(first, len(plan.sizes)):
-                if self.fetch_depth is not None:
-                    fetcher.depth = max(self.fetch_depth(), self.depth)
                 lo, hi = int(offsets[i]), int(offsets[i + 1])
                 buffers = out(hi - lo) if out is not None else None
                 if plan.shuffled:
@@ -138,14 +144,18 @@ class StreamReader:
                     window.ensure(hi)
                     arrays = concat_rows(window.rows(lo, hi), self.specs, buffers)
                     window.drop_before(hi)
-                if self.on_batch is not None:
-                    self.on_batch(fetcher)
+                made += 1
+                if made == self.REPORT_EVERY and self.on_progress is not None:
+                    self.on_progress(fetcher, made)
+                    made = 0
                 yield lo, hi, arrays
         except Exception:
             window.close(wait=True)  # a failed read: the others in flight end before the error surfaces
             raise
         finally:
             window.close()
+            if made and self.on_progress is not None:
+                self.on_progress(fetcher, made)
 
     def _run(self, window: _Window, first: int) -> _Run:
         """Batch ``first`` and those after it that end in the same shuffle window, located.

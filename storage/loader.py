@@ -314,15 +314,15 @@ class StreamingDataset(IterableDataset):
         self._filesystem()
         counters, cache_stats = self.counters(), self._cache_delta
 
-        def report(fetcher) -> None:
-            counters.add(worker, batches=1, fetch_wait_s=fetcher.wait_s, **cache_stats.delta())
+        def report(fetcher, batches: int) -> None:  # every few batches: see StreamReader.REPORT_EVERY
+            counters.add(worker, batches=batches, fetch_wait_s=fetcher.wait_s, **cache_stats.delta())
             counters.set(worker, bytes_in_flight=fetcher.bytes_in_flight)
             fetcher.wait_s = 0.0
 
         epoch = self.epoch
         self._drop_preloaded(keep_epoch=epoch)
         reader = StreamReader(plan, partial(self._read_span, epoch=epoch), lambda span: self.shards[span.shard].bytes,
-                              self.specs, depth=self.shard_depth, fetch_depth=fetch_depth, on_batch=report)
+                              self.specs, depth=self.shard_depth, fetch_depth=fetch_depth, on_progress=report)
         try:
             for lo, hi, arrays in reader.batches(plan.first_batch(consumed), out):
                 if self.index_key:
