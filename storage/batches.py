@@ -198,10 +198,11 @@ class StreamReader:
         out = buffers if buffers is not None else {}
         if len(out) < len(specs):
             out = {**empty_like_rows([s for s in specs if s.name not in out], len(rows)), **out}
+        if len(takes) == 1:
+            return take_rows(takes[0][0], rows, specs, out)
         others: dict[str, list] = {s.name: [] for s in specs if not s.numeric}
-        single = len(takes) == 1
         for arrays, a, b in takes:
-            taken = take_rows(arrays, rows[a:b], specs, out=out if single else {k: v[a:b] for k, v in out.items()})
+            taken = take_rows(arrays, rows[a:b], specs, out, at=a)
             for name in others:
                 others[name].append(taken[name])
         out.update({name: pa.concat_arrays(pieces) for name, pieces in others.items()})
