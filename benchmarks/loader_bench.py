@@ -304,7 +304,8 @@ def main() -> None:
                                            dataset.shards()))
             for tier in ("auto", "compressed"):
                 settle(work / "cold")
-                opts = {**s3.storage_options, "cache_dir": str(work / "cold")}
+                # A filesystem of its own: fsspec would hand back the last run's, whose folder is gone.
+                opts = {**s3.storage_options, "cache_dir": str(work / "cold"), "skip_instance_cache": True}
                 ds = StreamingDataset(url, batch_size=args.batch_size, storage_options=opts, cache=True,
                                       decoded="auto" if tier == "auto" else False)
                 loader = Prefetcher(ds, depth=4, shard_depth=8)

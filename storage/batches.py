@@ -7,11 +7,14 @@ run of consecutive rows: a zero-copy view when it lies inside one record batch, 
 concatenation. With the block shuffle, every span of the current shuffle window stays
 resident and a batch's rows (in stream order, see :mod:`storage.order`) are copied with
 one ``take`` per record batch they come from, straight into the caller's buffers when it
-supplies them (pinned memory on CUDA): one copy per row, no staging of the window.
+supplies them (pinned memory on CUDA): one copy per row, no staging of the window. When
+a window becomes current, the rows of all its batches are found in their record batches
+at once (vectorised), so a batch costs little more than its takes.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -45,11 +48,14 @@ class _Window:
     plan: StreamPlan
     next_span: int
     fetcher: ShardFetcher
+    depth: Callable[[], int] | None = None  # reads in flight, asked each time a span is taken
     resident: dict[int, Piece] = field(default_factory=dict)
 
     def ensure(self, hi: int) -> None:
         ends = self.plan.span_ends
         while self.next_span < len(ends) and (self.next_span == 0 or ends[self.next_span - 1] < hi):
+            if self.depth is not None:
+                self.fetcher.depth = self.depth()
             self.resident[self.next_span] = next(self.fetcher)
             self.next_span += 1
 
@@ -85,14 +91,28 @@ class _Window:
         self.resident.clear()
 
 
+@dataclass
+class _Run:
+    """Batches ``first..stop-1`` of one shuffle window, with each row found in its record batch."""
+
+    first: int
+    stop: int
+    bounds: list[int]  # where each batch's rows start in ``rows`` (and, last, where they end)
+    rows: np.ndarray  # the batches' source rows, each a row number within its record batch
+    takes: list[list[tuple[dict, int, int]]]  # per batch: (arrays, a, b), its rows a..b-1 come from arrays
+
+
 class StreamReader:
     """The batches of one stream plan, read through ``read_span``."""
 
+    #: Batches between two calls of ``on_progress`` (and one more call when the stream ends).
+    REPORT_EVERY = 16
+
     def __init__(self, plan: StreamPlan, read_span: Callable[[Span], Piece], span_bytes: Callable[[Span], int],
-                 specs: list[ColumnSpec], depth: int = 4, fetch_depth: Callable[[], int] | None = None,
-                 on_batch: Callable[[ShardFetcher], None] | None = None):
-        self.plan, self.read_span, self.span_bytes, self.specs = plan, read_span, span_bytes, specs
-        self.fetch_depth, self.on_batch = fetch_depth, on_batch
+                 specs: list[ColumnSpec], pool: Executor, depth: int = 4, fetch_depth: Callable[[], int] | None = None,
+                 on_progress: Callable[[ShardFetcher, int], None] | None = None):
+        self.plan, self.read_span, self.span_bytes, self.specs, self.pool = plan, read_span, span_bytes, specs, pool
+        self.fetch_depth, self.on_progress = fetch_depth, on_progress
         # A shuffle window's spans are all needed at once: read the next window's meanwhile.
         self.depth = max(depth, self.spans_per_block() + 1) if plan.shuffled else depth
 
@@ -108,54 +128,81 @@ class StreamReader:
         offsets, size = plan.offsets, plan.spec.block_size
         start = int(offsets[first]) // size * size if plan.shuffled else int(offsets[first])
         first_span = int(np.searchsorted(plan.span_ends, start, side="right"))
-        fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], depth=self.depth, size=self.span_bytes)
-        window = _Window(plan, first_span, fetcher)
-        self._index: tuple[int, int, np.ndarray, list] | None = None
+        fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], self.pool, depth=self.depth,
+                               size=self.span_bytes)
+        depth = (lambda: max(self.fetch_depth(), self.depth)) if self.fetch_depth is not None else None
+        window = _Window(plan, first_span, fetcher, depth)
+        run: _Run | None = None
+        made = 0  # batches since on_progress was last called
         try:
             for i in range(first, len(plan.sizes)):
-                if self.fetch_depth is not None:
-                    fetcher.depth = max(self.fetch_depth(), self.depth)
                 lo, hi = int(offsets[i]), int(offsets[i + 1])
                 buffers = out(hi - lo) if out is not None else None
                 if plan.shuffled:
-                    arrays = self._gather(window, lo, hi, buffers)
+                    if run is None or i >= run.stop:
+                        run = self._run(window, i)
+                    arrays = self._gather(run, i, buffers)
                 else:
                     window.ensure(hi)
                     arrays = concat_rows(window.rows(lo, hi), self.specs, buffers)
                     window.drop_before(hi)
-                if self.on_batch is not None:
-                    self.on_batch(fetcher)
+                made += 1
+                if made == self.REPORT_EVERY and self.on_progress is not None:
+                    self.on_progress(fetcher, made)
+                    made = 0
                 yield lo, hi, arrays
         except Exception:
             window.close(wait=True)  # a failed read: the others in flight end before the error surfaces
             raise
         finally:
-            self._index = None
             window.close()
+            if made and self.on_progress is not None:
+                self.on_progress(fetcher, made)
 
-    def _gather(self, window: _Window, lo: int, hi: int, buffers) -> dict:
-        """The batch at shuffled positions ``[lo, hi)``: a take per record batch its rows are in."""
-        plan, specs = self.plan, self.specs
-        size = plan.spec.block_size
-        w_lo, w_hi = plan.block_bounds(lo // size)[0], plan.block_bounds((hi - 1) // size)[1]
-        if self._index is None or self._index[:2] != (w_lo, w_hi):
-            window.drop_before(w_lo)
-            window.ensure(w_hi)
-            self._index = (w_lo, w_hi, *window.chunks(w_lo, w_hi))
-        _, _, starts, parts = self._index
-        sources = plan.batch_sources(lo, hi)
+    def _run(self, window: _Window, first: int) -> _Run:
+        """Batch ``first`` and those after it that end in the same shuffle window, located.
+
+        The window's spans are made resident (those before it dropped) and every row of
+        those batches is found in its record batch at once, vectorised, so that each
+        batch is left with slicing and its takes.
+        """
+        plan = self.plan
+        offsets, size = plan.offsets, plan.spec.block_size
+        w_lo = plan.block_bounds(int(offsets[first]) // size)[0]
+        w_hi = plan.block_bounds((int(offsets[first + 1]) - 1) // size)[1]
+        stop = int(np.searchsorted(offsets, w_hi, side="right")) - 1  # batches ending by w_hi
+        window.drop_before(w_lo)
+        window.ensure(w_hi)
+        starts, parts = window.chunks(w_lo, w_hi)
+        bounds = offsets[first: stop + 1] - offsets[first]
+        sources = plan.run_sources(offsets[first: stop + 1])
         which = np.searchsorted(starts, sources, side="right") - 1
-        cuts = [0, *(np.flatnonzero(which[1:] != which[:-1]) + 1).tolist(), len(sources)]
+        # Stream position of row 0 of each part's record batch: a source's row there is the difference.
+        origin = starts - np.array([a for _, a, _ in parts], dtype=np.int64)
+        rows = sources - origin[which]
+        cuts = np.union1d(np.flatnonzero(which[1:] != which[:-1]) + 1, bounds).tolist()
+        edges = bounds.tolist()
+        takes: list[list[tuple[dict, int, int]]] = [[] for _ in range(stop - first)]
+        batch = 0
+        for a, b, part in zip(cuts[:-1], cuts[1:], which[cuts[:-1]].tolist()):
+            while a >= edges[batch + 1]:
+                batch += 1
+            takes[batch].append((parts[part][0], a - edges[batch], b - edges[batch]))
+        return _Run(first, stop, edges, rows, takes)
+
+    def _gather(self, run: _Run, i: int, buffers) -> dict:
+        """Batch ``i`` of ``run``: a take per record batch its rows are in."""
+        specs = self.specs
+        j = i - run.first
+        rows, takes = run.rows[run.bounds[j]: run.bounds[j + 1]], run.takes[j]
         out = buffers if buffers is not None else {}
         if len(out) < len(specs):
-            out = {**empty_like_rows([s for s in specs if s.name not in out], hi - lo), **out}
+            out = {**empty_like_rows([s for s in specs if s.name not in out], len(rows)), **out}
+        if len(takes) == 1:
+            return take_rows(takes[0][0], rows, specs, out)
         others: dict[str, list] = {s.name: [] for s in specs if not s.numeric}
-        single = len(cuts) == 2
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            part = int(which[a])
-            arrays, first, _ = parts[part]
-            rows = sources[a:b] - (int(starts[part]) - first)
-            taken = take_rows(arrays, rows, specs, out=out if single else {k: v[a:b] for k, v in out.items()})
+        for arrays, a, b in takes:
+            taken = take_rows(arrays, rows[a:b], specs, out, at=a)
             for name in others:
                 others[name].append(taken[name])
         out.update({name: pa.concat_arrays(pieces) for name, pieces in others.items()})

@@ -107,15 +107,17 @@ def concat_rows(parts: list[tuple[dict, int, int]], specs: list[ColumnSpec],
     return result
 
 
-def take_rows(arrays: dict, rows: np.ndarray, specs: list[ColumnSpec],
-              out: dict[str, np.ndarray] | None = None) -> dict[str, object]:
-    """``arrays[rows]`` per column, written into ``out`` where given."""
+def take_rows(arrays: dict, rows: np.ndarray, specs: list[ColumnSpec], out: dict[str, np.ndarray] | None = None,
+              at: int = 0) -> dict[str, object]:
+    """``arrays[rows]`` per column; numbers written into ``out[name][at:at + len(rows)]`` where given."""
     result: dict[str, object] = {}
     for spec in specs:
         if spec.numeric:
             target = out.get(spec.name) if out else None
             if target is None:
                 target = np.empty((len(rows), *spec.shape), dtype=spec.dtype)
+            elif at or len(target) != len(rows):
+                target = target[at: at + len(rows)]
             # mode="clip": with the default "raise", numpy stages ``out`` through a temporary
             # (half the speed); rows are in range by construction.
             result[spec.name] = arrays[spec.name].take(rows, axis=0, out=target, mode="clip")

@@ -2,7 +2,8 @@
 
 The loader knows, from the epoch's plan, every shard it will read and in which order;
 :class:`ShardFetcher` keeps ``depth`` of those reads (fetch through the cache, verify,
-decode) running on a thread pool and hands the results back in order. Arrow, hashing
+decode) running on a thread pool (the process's, kept from one epoch to the next: no
+threads to start when an epoch begins) and hands the results back in order. Arrow, hashing
 and socket reads release the GIL, so on a CPU the reads overlap decoding and compute.
 
 :class:`LoaderCounters` carries read statistics from ``DataLoader`` worker processes
@@ -16,7 +17,7 @@ import multiprocessing
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, wait as futures_wait
 from typing import Callable, Generic, Iterable, TypeVar
 
 import numpy as np
@@ -30,13 +31,13 @@ MAX_DEPTH = 32
 class ShardFetcher(Generic[Item, Result]):
     """``map(read, items)`` in order, with up to ``depth`` reads running ahead."""
 
-    def __init__(self, read: Callable[[Item], Result], items: Iterable[Item], depth: int = 4,
+    def __init__(self, read: Callable[[Item], Result], items: Iterable[Item], pool: Executor, depth: int = 4,
                  size: Callable[[Item], int] = lambda item: 0):
         self._read = read
         self._items = iter(items)
         self._size = size
         self._pending: deque[tuple[Future, int]] = deque()
-        self._pool = ThreadPoolExecutor(max_workers=MAX_DEPTH, thread_name_prefix="swarm-fetch")
+        self._pool = pool  # at least MAX_DEPTH workers, or reads wait for one another
         self._lock = threading.Lock()
         self.depth = depth
         self.wait_s = 0.0  # time the consumer waited for a read to finish
@@ -89,12 +90,15 @@ class ShardFetcher(Generic[Item, Result]):
         error, nothing of this reader is still writing (a cache fill, say) when it surfaces.
         """
         self._closed = True
+        running = []
         while self._pending:
             future, _ = self._pending.popleft()
             if not future.cancel():
                 future.add_done_callback(_release_result)
+                running.append(future)
         self.bytes_in_flight = 0
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        if wait:
+            futures_wait(running)
 
 
 def _release_result(future: Future) -> None:

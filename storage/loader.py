@@ -42,7 +42,7 @@ from storage.cache import PROTOCOL, ShardCacheFileSystem
 from storage.columns import ColumnSpec, chunk_arrays, column_specs
 from storage.dataset import Dataset, check_bytes, check_rows, path_inside
 from storage.errors import ConfigError
-from storage.fetcher import LoaderCounters
+from storage.fetcher import MAX_DEPTH, LoaderCounters
 from storage.manifest import ShardEntry
 from storage.order import OrderSpec, Span
 from storage.urls import is_local, url_to_fs
@@ -125,7 +125,6 @@ class StreamingDataset(IterableDataset):
         self._counters: LoaderCounters | None = LoaderCounters()  # before any worker forks
         self._fs_pid: int | None = None
         self._preloaded: dict[tuple[int, Span], Future] = {}
-        self._preload_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -240,6 +239,8 @@ class StreamingDataset(IterableDataset):
             if isinstance(self._fs, ShardCacheFileSystem):
                 self._fs.register_manifest(self._root, self.manifest)
             self._cache_delta = _CacheDelta(self._fs)  # per process: preloads count in the next epoch
+            # Shard reads and preloads, kept across epochs; workers start as reads need them.
+            self._reads = ThreadPoolExecutor(max_workers=MAX_DEPTH, thread_name_prefix="swarm-read")
             self._fs_pid = os.getpid()
         return self._fs
 
@@ -254,10 +255,9 @@ class StreamingDataset(IterableDataset):
             return
         window_end = plan.block_bounds(0)[1] if plan.shuffled else int(plan.offsets[1])
         count = int(np.searchsorted(plan.span_ends, window_end, side="left")) + 1
-        if self._preload_pool is None:
-            self._preload_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="swarm-preload")
+        self._filesystem()
         for span in plan.spans[:count]:
-            self._preloaded[(epoch, span)] = self._preload_pool.submit(self._read_span_now, span)
+            self._preloaded[(epoch, span)] = self._reads.submit(self._read_span_now, span)
 
     def _drop_preloaded(self, keep_epoch: int | None) -> None:
         for key in [k for k in self._preloaded if k[0] != keep_epoch]:
@@ -314,15 +314,16 @@ class StreamingDataset(IterableDataset):
         self._filesystem()
         counters, cache_stats = self.counters(), self._cache_delta
 
-        def report(fetcher) -> None:
-            counters.add(worker, batches=1, fetch_wait_s=fetcher.wait_s, **cache_stats.delta())
+        def report(fetcher, batches: int) -> None:  # every few batches: see StreamReader.REPORT_EVERY
+            counters.add(worker, batches=batches, fetch_wait_s=fetcher.wait_s, **cache_stats.delta())
             counters.set(worker, bytes_in_flight=fetcher.bytes_in_flight)
             fetcher.wait_s = 0.0
 
         epoch = self.epoch
         self._drop_preloaded(keep_epoch=epoch)
         reader = StreamReader(plan, partial(self._read_span, epoch=epoch), lambda span: self.shards[span.shard].bytes,
-                              self.specs, depth=self.shard_depth, fetch_depth=fetch_depth, on_batch=report)
+                              self.specs, self._reads, depth=self.shard_depth, fetch_depth=fetch_depth,
+                              on_progress=report)
         try:
             for lo, hi, arrays in reader.batches(plan.first_batch(consumed), out):
                 if self.index_key:
@@ -358,10 +359,10 @@ class StreamingDataset(IterableDataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_fs", "_root", "_cache_delta"):
+        for key in ("_fs", "_root", "_cache_delta", "_reads"):
             state.pop(key, None)
         state["_fs_pid"] = None
-        state["_preloaded"], state["_preload_pool"] = {}, None
+        state["_preloaded"] = {}
         state["_checked"] = set()
         if get_spawning_popen() is None:  # shared counters only travel to worker processes
             state["_counters"] = None

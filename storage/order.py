@@ -237,8 +237,21 @@ class StreamPlan:
 
     def batch_sources(self, lo: int, hi: int) -> np.ndarray:
         """Unshuffled stream positions of the batch at ``[lo, hi)``, in stream order."""
-        positions = self.source_positions(lo, hi)
-        return np.sort(positions) if self.shuffled else positions
+        return self.run_sources(np.array([lo, hi], dtype=np.int64))
+
+    def run_sources(self, bounds: np.ndarray) -> np.ndarray:
+        """:meth:`batch_sources` of consecutive batches at once, one after another.
+
+        ``bounds`` are the stream positions where the batches start, then where the
+        last one ends (a slice of :attr:`offsets`, say).
+        """
+        positions = self.source_positions(int(bounds[0]), int(bounds[-1]))
+        if not self.shuffled:
+            return positions
+        cuts = (bounds - bounds[0]).tolist()
+        if len(cuts) == 2:
+            return np.sort(positions)
+        return np.concatenate([np.sort(positions[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(span index, row within the span)`` of unshuffled stream positions."""

@@ -33,9 +33,9 @@ processes (each with its own shard reads); the order then depends on that number
 
 from __future__ import annotations
 
+from queue import SimpleQueue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -82,38 +82,41 @@ class PrefetchStats:
 
 
 class _Queue:
-    """A bounded FIFO whose bound can change while it is in use."""
+    """A bounded FIFO whose bound can grow while it is in use.
+
+    Two C queues and no condition variable: ``items`` holds what is queued and ``room``
+    one token per free place. The producer takes a token before it puts, the consumer
+    gives one back after it gets: one call each, blocking (without the GIL) only when
+    the queue is full or empty.
+    """
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.items: deque = deque()
-        self.cond = threading.Condition()
+        self.capacity = 0
+        self.items: SimpleQueue = SimpleQueue()
+        self.room: SimpleQueue = SimpleQueue()
         self.stopped = False
+        self.grow(capacity)
 
     def put(self, item) -> bool:
-        with self.cond:
-            while len(self.items) >= self.capacity and not self.stopped:
-                self.cond.wait()
-            if self.stopped:
-                return False
-            self.items.append(item)
-            if len(self.items) == 1:  # the consumer may be waiting
-                self.cond.notify_all()
-            return True
+        self.room.get()
+        if self.stopped:
+            return False
+        self.items.put(item)
+        return True
 
     def get(self):
-        with self.cond:
-            while not self.items:
-                self.cond.wait()
-            item = self.items.popleft()
-            if len(self.items) == self.capacity - 1:  # the producer may be waiting
-                self.cond.notify_all()
-            return item
+        item = self.items.get()
+        self.room.put(None)
+        return item
+
+    def grow(self, capacity: int) -> None:
+        for _ in range(capacity - self.capacity):
+            self.room.put(None)
+        self.capacity = max(self.capacity, capacity)
 
     def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
+        self.stopped = True
+        self.room.put(None)  # a producer waiting for room wakes, and stops
 
 
 class Prefetcher:
@@ -274,9 +277,7 @@ class Prefetcher:
         if share > self.stall_target:
             if self.depth < self.max_depth:
                 self.depth += 1
-                with queue.cond:
-                    queue.capacity = self.depth
-                    queue.cond.notify_all()
+                queue.grow(self.depth)
             if self.shard_depth and self.shard_depth < MAX_DEPTH:
                 self.shard_depth += 1
         self.stats.depth, self.stats.shard_depth = self.depth, self.shard_depth

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -10,10 +11,13 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
+import xxhash
 
+from storage import cache_index
 from storage.cache import ShardCacheFileSystem
-from storage.cache_index import CacheDir, parse_bytes
+from storage.cache_index import CacheDir, fast_digest, parse_bytes
 from storage.dataset import Dataset
 from storage.errors import ConfigError, IntegrityError
 from storage.urls import url_to_fs
@@ -257,6 +261,22 @@ def test_s3_through_the_loopback_server(s3, bucket, cache_opts):
 def test_bad_cache_options(images, cache_opts, options, message):
     with pytest.raises(ConfigError, match=message):
         _cache(images.url, {**cache_opts, **options})
+
+
+def test_fast_digest_is_xxh3_128_hashed_through_ctypes_when_large(tmp_path, monkeypatch):
+    if cache_index._XXH3_128 is None:
+        pytest.skip("this xxhash build does not export XXH3_128bits")
+    sizes = []  # ctypes (CDLL) releases the GIL for the calls it makes; xxhash's own functions hold it
+    monkeypatch.setattr(cache_index, "_XXH3_128", lambda address, size: sizes.append(size) or real(address, size))
+    real = cache_index._gil_free_xxh3()
+    for size in (0, 1, 4096, cache_index.GIL_FREE_BYTES - 1, cache_index.GIL_FREE_BYTES, (1 << 20) + 7):
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert fast_digest(data) == fast_digest(memoryview(data)) == xxhash.xxh3_128_hexdigest(data), size
+    assert sizes == [cache_index.GIL_FREE_BYTES] * 2 + [(1 << 20) + 7] * 2
+    path = tmp_path / "mapped"
+    path.write_bytes(data)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert fast_digest(mapped) == xxhash.xxh3_128_hexdigest(data)
 
 
 def test_parse_bytes():

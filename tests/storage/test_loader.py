@@ -97,6 +97,21 @@ def test_in_process_resume_and_epochs(images):
     assert not _same(other, full) and len(other) == len(full), "a new epoch, a new order"
 
 
+def test_read_counters_add_up_after_an_epoch_and_after_a_break(images, cache_opts):
+    ds = StreamingDataset(images.url, batch_size=40, cache=True, storage_options=cache_opts)
+    counters = ds.counters()
+    assert len(ds) > 2 * 16 + 1, "more batches than a few progress reports"
+    list(ds)
+    after_epoch = counters.total()
+    assert after_epoch["batches"] == len(ds) and after_epoch["hits"] + after_epoch["misses"] >= len(ds.shards)
+    assert after_epoch["bytes_in_flight"] == 0
+    stream = iter(ds)
+    for _ in range(21):
+        next(stream)
+    stream.close()
+    assert counters.total()["batches"] == len(ds) + 21 and counters.total()["bytes_in_flight"] == 0
+
+
 def test_zero_copy_tensors_where_the_layout_allows(tmp_path):
     url = str(tmp_path / "raw")
     stage("synthetic-image?rows=512&size=4", url, codec="none")

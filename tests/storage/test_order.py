@@ -84,6 +84,20 @@ def test_block_shuffle_stays_within_its_window():
     assert not np.array_equal(seq, np.arange(1000))
 
 
+@pytest.mark.parametrize("shuffle", sorted(order.SHUFFLES))
+@pytest.mark.parametrize("block_size", [1, 7, 100, 1000])
+def test_sources_of_a_run_of_batches_are_each_batch_sources_in_turn(shuffle, block_size):
+    rows = np.array([37, 120, 5, 300])
+    plan = order.plan_stream(rows, OrderSpec(batch_size=9, block_size=block_size, shuffle=shuffle), 0)
+    bounds = plan.offsets
+    for first, stop in ((0, len(plan.sizes)), (3, 4), (5, 17)):
+        # Each batch's rows in stream order: the shuffled positions of the batch, sorted.
+        each = [plan.source_positions(bounds[i], bounds[i + 1]) for i in range(first, stop)]
+        expected = np.concatenate([np.sort(p) if shuffle == "block" else p for p in each])
+        assert np.array_equal(plan.run_sources(bounds[first: stop + 1]), expected)
+        assert np.array_equal(plan.batch_sources(bounds[first], bounds[first + 1]), expected[: plan.sizes[first]])
+
+
 def test_workers_read_contiguous_shard_ranges():
     rows = np.full(12, 10)
     spec = OrderSpec(batch_size=5, num_workers=3, shuffle="shard")
