@@ -14,7 +14,6 @@ at once (vectorised), so a batch costs little more than its takes.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -109,9 +108,9 @@ class StreamReader:
     REPORT_EVERY = 16
 
     def __init__(self, plan: StreamPlan, read_span: Callable[[Span], Piece], span_bytes: Callable[[Span], int],
-                 specs: list[ColumnSpec], pool: Executor, depth: int = 4, fetch_depth: Callable[[], int] | None = None,
+                 specs: list[ColumnSpec], depth: int = 4, fetch_depth: Callable[[], int] | None = None,
                  on_progress: Callable[[ShardFetcher, int], None] | None = None):
-        self.plan, self.read_span, self.span_bytes, self.specs, self.pool = plan, read_span, span_bytes, specs, pool
+        self.plan, self.read_span, self.span_bytes, self.specs = plan, read_span, span_bytes, specs
         self.fetch_depth, self.on_progress = fetch_depth, on_progress
         # A shuffle window's spans are all needed at once: read the next window's meanwhile.
         self.depth = max(depth, self.spans_per_block() + 1) if plan.shuffled else depth
@@ -128,8 +127,7 @@ class StreamReader:
         offsets, size = plan.offsets, plan.spec.block_size
         start = int(offsets[first]) // size * size if plan.shuffled else int(offsets[first])
         first_span = int(np.searchsorted(plan.span_ends, start, side="right"))
-        fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], self.pool, depth=self.depth,
-                               size=self.span_bytes)
+        fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], depth=self.depth, size=self.span_bytes)
         depth = (lambda: max(self.fetch_depth(), self.depth)) if self.fetch_depth is not None else None
         window = _Window(plan, first_span, fetcher, depth)
         run: _Run | None = None

@@ -14,10 +14,11 @@ nothing is left behind when a process dies).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, wait as futures_wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait as futures_wait
 from typing import Callable, Generic, Iterable, TypeVar
 
 import numpy as np
@@ -28,16 +29,46 @@ Result = TypeVar("Result")
 MAX_DEPTH = 32
 
 
-class ShardFetcher(Generic[Item, Result]):
-    """``map(read, items)`` in order, with up to ``depth`` reads running ahead."""
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
 
-    def __init__(self, read: Callable[[Item], Result], items: Iterable[Item], pool: Executor, depth: int = 4,
-                 size: Callable[[Item], int] = lambda item: 0):
+
+def read_pool() -> ThreadPoolExecutor:
+    """The process's thread pool for shard reads, shared by every reader in it.
+
+    ``MAX_DEPTH`` threads, started as reads need them and kept from one epoch (or loader)
+    to the next, so an epoch does not begin by starting threads. A forked child (a
+    ``DataLoader`` worker) makes its own.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=MAX_DEPTH, thread_name_prefix="swarm-read"))
+        return _pool[1]
+
+
+def _after_fork() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class ShardFetcher(Generic[Item, Result]):
+    """``map(read, items)`` in order, with up to ``depth`` reads running ahead.
+
+    Reads run on ``pool`` (by default the process's :func:`read_pool`), which needs
+    ``depth`` free workers for the reads to run side by side.
+    """
+
+    def __init__(self, read: Callable[[Item], Result], items: Iterable[Item], depth: int = 4,
+                 size: Callable[[Item], int] = lambda item: 0, pool: Executor | None = None):
         self._read = read
         self._items = iter(items)
         self._size = size
         self._pending: deque[tuple[Future, int]] = deque()
-        self._pool = pool  # at least MAX_DEPTH workers, or reads wait for one another
+        self._pool = pool if pool is not None else read_pool()
         self._lock = threading.Lock()
         self.depth = depth
         self.wait_s = 0.0  # time the consumer waited for a read to finish

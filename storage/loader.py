@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from multiprocessing.context import get_spawning_popen
 from typing import Any, Callable, Iterator
@@ -42,7 +42,7 @@ from storage.cache import PROTOCOL, ShardCacheFileSystem
 from storage.columns import ColumnSpec, chunk_arrays, column_specs
 from storage.dataset import Dataset, check_bytes, check_rows, path_inside
 from storage.errors import ConfigError
-from storage.fetcher import MAX_DEPTH, LoaderCounters
+from storage.fetcher import LoaderCounters, read_pool
 from storage.manifest import ShardEntry
 from storage.order import OrderSpec, Span
 from storage.urls import is_local, url_to_fs
@@ -239,8 +239,6 @@ class StreamingDataset(IterableDataset):
             if isinstance(self._fs, ShardCacheFileSystem):
                 self._fs.register_manifest(self._root, self.manifest)
             self._cache_delta = _CacheDelta(self._fs)  # per process: preloads count in the next epoch
-            # Shard reads and preloads, kept across epochs; workers start as reads need them.
-            self._reads = ThreadPoolExecutor(max_workers=MAX_DEPTH, thread_name_prefix="swarm-read")
             self._fs_pid = os.getpid()
         return self._fs
 
@@ -257,7 +255,7 @@ class StreamingDataset(IterableDataset):
         count = int(np.searchsorted(plan.span_ends, window_end, side="left")) + 1
         self._filesystem()
         for span in plan.spans[:count]:
-            self._preloaded[(epoch, span)] = self._reads.submit(self._read_span_now, span)
+            self._preloaded[(epoch, span)] = read_pool().submit(self._read_span_now, span)
 
     def _drop_preloaded(self, keep_epoch: int | None) -> None:
         for key in [k for k in self._preloaded if k[0] != keep_epoch]:
@@ -322,7 +320,7 @@ class StreamingDataset(IterableDataset):
         epoch = self.epoch
         self._drop_preloaded(keep_epoch=epoch)
         reader = StreamReader(plan, partial(self._read_span, epoch=epoch), lambda span: self.shards[span.shard].bytes,
-                              self.specs, self._reads, depth=self.shard_depth, fetch_depth=fetch_depth,
+                              self.specs, depth=self.shard_depth, fetch_depth=fetch_depth,
                               on_progress=report)
         try:
             for lo, hi, arrays in reader.batches(plan.first_batch(consumed), out):
@@ -359,7 +357,7 @@ class StreamingDataset(IterableDataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_fs", "_root", "_cache_delta", "_reads"):
+        for key in ("_fs", "_root", "_cache_delta"):
             state.pop(key, None)
         state["_fs_pid"] = None
         state["_preloaded"] = {}
