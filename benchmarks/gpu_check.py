@@ -24,6 +24,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -218,12 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args, Path(tempfile.mkdtemp(prefix="gpu-check-")), torch.device("cuda"))
     print(f"device: {torch.cuda.get_device_name(ctx.device)}, torch {torch.__version__}")
     rows: list[Row] = []
+    failed = []
     for fn in CHECKS:
         if args.only and fn.__name__ not in args.only:
             continue
-        rows.extend(fn(ctx))
+        try:
+            rows.extend(fn(ctx))
+        except Exception:  # one broken section must not cost the others' figures (device time is scarce)
+            traceback.print_exc()
+            failed.append(fn.__name__)
+            rows.append(Row(fn.__name__, "FAILED", float("nan"), "", "traceback above"))
     print_table(rows)
-    return 0
+    if failed:
+        print(f"gpu_check: sections failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
