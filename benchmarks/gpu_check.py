@@ -11,7 +11,8 @@ Sections (each a function in ``CHECKS``; add one with ``@check``):
 * ``train_throughput``: the training rank on the GPU (CNN on synthetic images), samples/s,
   mean GPU utilisation and data stall for fp32, bf16-mixed and fp16-mixed (grad scaler).
 * ``loader_to_gpu``: the streaming loader through the prefetcher (pinned ring, side-stream
-  copies) into device tensors, at batch sizes 256 and 2048: samples/s and GB/s alone, then
+  copies) into device tensors, at batch sizes 256 and 2048, read in process and by
+  ``--workers`` DataLoader worker processes: samples/s and GB/s alone, then
   with a GPU step per batch (one kernel, then a sync) as long as the load time per batch:
   total time against ``max(load, compute)`` and the data-stall share.
 
@@ -144,33 +145,40 @@ def loader_to_gpu(ctx: Context) -> list[Row]:
                         device=device):  # fills the node cache
         pass
     rows = []
-    for batch_size in sorted({args.batch_size, 2048}):
-        ds = StreamingDataset(url, batch_size=batch_size, cache=True, storage_options=opts)
-
-        def epoch(step=None) -> tuple[float, Prefetcher, int]:
-            loader = Prefetcher(ds, device=device, depth=4, stall_target=0.05)
-            moved = 0
-            start = time.perf_counter()
-            for batch in loader:
-                moved += sum(t.numel() * t.element_size() for t in batch.values())
-                if step is not None:
-                    step()
-            torch.cuda.synchronize(device)
-            return time.perf_counter() - start, loader, moved
-
-        load_s, loader, moved = min((epoch() for _ in range(3)), key=lambda r: r[0])
-        step = _step_kernel(device, load_s / len(ds))
-        compute_s = min(_timed(lambda: [step() for _ in range(len(ds))], device) for _ in range(2))
-        total_s, with_compute, _ = min((epoch(step) for _ in range(2)), key=lambda r: r[0])
-        section = f"loader_to_gpu {batch_size}"
-        rows += [
-            Row(section, "samples/s", loader.stats.samples / load_s, "", "warm cache, loader alone"),
-            Row(section, "to device", moved / load_s / 1e9, "GB/s"),
-            Row(section, "load / compute", load_s / compute_s, "", "compute = 1 kernel + sync per batch"),
-            Row(section, "overlap_vs_ideal", total_s / max(load_s, compute_s), "", "target <= 1.1"),
-            Row(section, "stall share", with_compute.stats.stall_share, "", "with compute; target <= 0.05"),
-        ]
+    for workers in (0, args.workers):
+        for batch_size in sorted({args.batch_size, 2048}):
+            rows += _loader_to_gpu(StreamingDataset(url, batch_size=batch_size, cache=True, storage_options=opts),
+                                   device, workers)
     return rows
+
+
+def _loader_to_gpu(ds, device, workers: int) -> list[Row]:
+    """One dataset through the prefetcher onto the GPU: alone, then with a step per batch."""
+    from storage.prefetch import Prefetcher
+
+    def epoch(step=None) -> tuple[float, Prefetcher, int]:
+        loader = Prefetcher(ds, device=device, depth=4, stall_target=0.05, num_workers=workers)
+        moved = 0
+        start = time.perf_counter()
+        for batch in loader:
+            moved += sum(t.numel() * t.element_size() for t in batch.values())
+            if step is not None:
+                step()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, loader, moved
+
+    load_s, loader, moved = min((epoch() for _ in range(3)), key=lambda r: r[0])
+    step = _step_kernel(device, load_s / len(ds))
+    compute_s = min(_timed(lambda: [step() for _ in range(len(ds))], device) for _ in range(2))
+    total_s, with_compute, _ = min((epoch(step) for _ in range(2)), key=lambda r: r[0])
+    section = f"loader_to_gpu {ds.base_spec.batch_size}" + (f" w{workers}" if workers else "")
+    return [
+        Row(section, "samples/s", loader.stats.samples / load_s, "", "warm cache, loader alone"),
+        Row(section, "to device", moved / load_s / 1e9, "GB/s"),
+        Row(section, "load / compute", load_s / compute_s, "", "compute = 1 kernel + sync per batch"),
+        Row(section, "overlap_vs_ideal", total_s / max(load_s, compute_s), "", "target <= 1.1"),
+        Row(section, "stall share", with_compute.stats.stall_share, "", "with compute; target <= 0.05"),
+    ]
 
 
 class _Utilisation:
@@ -222,9 +230,9 @@ def train_throughput(ctx: Context) -> list[Row]:
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"{'section':<16} {'metric':<28} {'value':>12} {'unit':<6} note")
+    print(f"{'section':<22} {'metric':<28} {'value':>12} {'unit':<6} note")
     for r in rows:
-        print(f"{r.section:<16} {r.metric:<28} {r.value:>12.3f} {r.unit:<6} {r.note}")
+        print(f"{r.section:<22} {r.metric:<28} {r.value:>12.3f} {r.unit:<6} {r.note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--copy-mb", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes, the second loader run")
     parser.add_argument("--only", nargs="*", help="run only these sections")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
