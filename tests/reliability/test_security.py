@@ -388,6 +388,6 @@ def test_request_size_limits(digits_checkpoint):
                 healthy()
     sc.note(f"`swarm serve` limits (--max-body-bytes {limit:,}, --max-request-rows 16): a body at the limit "
             "served, one byte over refused with 413 whether declared by Content-Length or streamed in chunks (the "
-            "server stops reading), too many rows 413, a 1 MB header refused by the HTTP layer (h11); after each, "
-            "a good request is answered")
+            "server stops reading), too many rows 413, a 1 MB header refused by the HTTP layer (request heads are "
+            "bounded at 16 KiB: 431); after each, a good request is answered")
     sc.check()
