@@ -11,8 +11,9 @@ Sections (each a function in ``CHECKS``; add one with ``@check``):
 * ``train_throughput``: the training rank on the GPU (CNN on synthetic images), samples/s,
   mean GPU utilisation and data stall for fp32, bf16-mixed and fp16-mixed (grad scaler).
 * ``loader_to_gpu``: the streaming loader through the prefetcher (pinned ring, side-stream
-  copies) into device tensors, at batch sizes 256 and 2048, read in process and by
-  ``--workers`` DataLoader worker processes: samples/s and GB/s alone, then
+  copies) into device tensors, at batch sizes 256 and 2048, made by a producer thread,
+  by a producer process (``producer="process"``) and by ``--workers`` DataLoader worker
+  processes: samples/s and GB/s alone, then
   with a GPU step per batch (one kernel, then a sync) as long as the load time per batch:
   total time against ``max(load, compute)`` and the data-stall share.
 
@@ -145,19 +146,19 @@ def loader_to_gpu(ctx: Context) -> list[Row]:
                         device=device):  # fills the node cache
         pass
     rows = []
-    for workers in (0, args.workers):
+    for producer, workers in (("thread", 0), ("process", 0), ("thread", args.workers)):
         for batch_size in sorted({args.batch_size, 2048}):
             rows += _loader_to_gpu(StreamingDataset(url, batch_size=batch_size, cache=True, storage_options=opts),
-                                   device, workers)
+                                   device, workers, producer)
     return rows
 
 
-def _loader_to_gpu(ds, device, workers: int) -> list[Row]:
+def _loader_to_gpu(ds, device, workers: int, producer: str) -> list[Row]:
     """One dataset through the prefetcher onto the GPU: alone, then with a step per batch."""
     from storage.prefetch import Prefetcher
 
     def epoch(step=None) -> tuple[float, Prefetcher, int]:
-        loader = Prefetcher(ds, device=device, depth=4, stall_target=0.05, num_workers=workers)
+        loader = Prefetcher(ds, device=device, depth=4, stall_target=0.05, num_workers=workers, producer=producer)
         moved = 0
         start = time.perf_counter()
         for batch in loader:
@@ -171,7 +172,8 @@ def _loader_to_gpu(ds, device, workers: int) -> list[Row]:
     step = _step_kernel(device, load_s / len(ds))
     compute_s = min(_timed(lambda: [step() for _ in range(len(ds))], device) for _ in range(2))
     total_s, with_compute, _ = min((epoch(step) for _ in range(2)), key=lambda r: r[0])
-    section = f"loader_to_gpu {ds.base_spec.batch_size}" + (f" w{workers}" if workers else "")
+    section = f"loader_to_gpu {ds.base_spec.batch_size}" + (f" w{workers}" if workers else "") + (
+        " proc" if producer == "process" else "")
     return [
         Row(section, "samples/s", loader.stats.samples / load_s, "", "warm cache, loader alone"),
         Row(section, "to device", moved / load_s / 1e9, "GB/s"),

@@ -33,6 +33,7 @@ processes (each with its own shard reads); the order then depends on that number
 
 from __future__ import annotations
 
+import os
 from queue import SimpleQueue
 import threading
 import time
@@ -109,6 +110,18 @@ class _Queue:
         self.room.put(None)
         return item
 
+    def take(self) -> tuple[Any, float]:
+        """The next item and the wait for it (``None`` once ``_END`` was put); an exception put
+        in is raised here, in the consumer."""
+        started = time.perf_counter()
+        item = self.get()
+        waited = time.perf_counter() - started
+        if item is _END:
+            return None, waited
+        if isinstance(item, BaseException):
+            raise item
+        return item, waited
+
     def grow(self, capacity: int) -> None:
         for _ in range(capacity - self.capacity):
             self.room.put(None)
@@ -132,11 +145,14 @@ class Prefetcher:
         stall_target: grow the depths while the stall share is above this (None: fixed).
         max_depth: the most batches ``depth`` may grow to.
         window: steps between two depth decisions.
+        producer: ``"thread"`` (batches made on a thread of this process) or ``"process"``
+            (made by a forked child into a shared pinned ring, see :mod:`storage.feed`: on a
+            many-core GPU host it keeps the producer off the training thread's GIL).
     """
 
     def __init__(self, source: Iterable, *, device: Any = None, depth: int = 2, num_workers: int = 0,
                  shard_depth: int | None = None, stall_target: float | None = None, max_depth: int = 16,
-                 window: int = 16, mp_context: str | None = None):
+                 window: int = 16, mp_context: str | None = None, producer: str = "thread"):
         from storage.loader import StreamingDataset
 
         self.source = source
@@ -147,6 +163,14 @@ class Prefetcher:
             raise ConfigError(f"depth must be an integer >= 1, got {depth!r}")
         if stall_target is not None and not 0 < stall_target < 1:
             raise ConfigError(f"stall_target is a share of wall time between 0 and 1 (e.g. 0.05), got {stall_target!r}")
+        if producer not in ("thread", "process"):
+            raise ConfigError(f"producer {producer!r} is not allowed; allowed: thread, process")
+        if producer == "process" and (self.dataset is None or num_workers):
+            raise ConfigError("producer='process' needs a StreamingDataset source and num_workers=0 "
+                              "(it is the producer process itself)")
+        if producer == "process" and not hasattr(os, "fork"):
+            raise ConfigError("producer='process' needs os.fork (Linux or macOS); use producer='thread'")
+        self.producer = producer
         self.device = _device(device)
         self.depth = depth
         self.max_depth = max(depth, max_depth)
@@ -183,6 +207,9 @@ class Prefetcher:
         self.consumed = int(state["batches"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.producer == "process":
+            yield from self._iter_process()
+            return
         queue = _Queue(self.depth)
         source, start = self._open_source()
         self.consumed = start
@@ -195,13 +222,9 @@ class Prefetcher:
         window_start, window_stall = began, 0.0
         try:
             while True:
-                wait_from = time.perf_counter()
-                item = queue.get()
-                stall = time.perf_counter() - wait_from
-                if item is _END:
+                item, stall = queue.take()
+                if item is None:
                     break
-                if isinstance(item, BaseException):
-                    raise item
                 batch = self._ring.hand_over(item) if self._ring is not None else item
                 self._record(stall, batch, counters, base)
                 window_stall += stall
@@ -216,6 +239,30 @@ class Prefetcher:
             self.stats.elapsed_s = time.perf_counter() - began
             queue.stop()
             producer.join(timeout=30)
+            if self.stats.steps:
+                self._record(0.0, {}, counters, base, final=True)
+
+    def _iter_process(self) -> Iterator[dict[str, Any]]:
+        from storage.feed import ProcessFeed
+
+        start = self.dataset.resume_offset(1)
+        self.dataset.forget_resume()
+        self.consumed = start
+        slots = self.depth + 4  # queued, copying, being filled
+        self.stats = PrefetchStats(depth=slots, shard_depth=self.shard_depth)
+        self.dataset.shard_depth = self.shard_depth
+        counters = self.dataset.counters()
+        base = counters.total()
+        began = time.perf_counter()
+        try:
+            self._feed = ProcessFeed(self.dataset, self.device, slots)
+            for batch, stall in self._feed.batches(start, self.depth):
+                self._record(stall, batch, counters, base)
+                self.stats.elapsed_s = time.perf_counter() - began
+                self.consumed += 1
+                yield batch
+        finally:
+            self.stats.elapsed_s = time.perf_counter() - began
             if self.stats.steps:
                 self._record(0.0, {}, counters, base, final=True)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import threading
 import time
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from storage import order
-from storage.errors import ConfigError
+from storage.errors import ConfigError, SourceError
 from storage.loader import StreamingDataset
 from storage.prefetch import Prefetcher
 
@@ -82,12 +85,14 @@ def test_bad_prefetcher_arguments(images):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_batches_arrive_on_the_device_intact(images):
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_batches_arrive_on_the_device_intact(images, producer):
     ds = StreamingDataset(images.url, batch_size=64, index_key="idx")
     host = list(StreamingDataset(images.url, batch_size=64, index_key="idx"))
-    device = list(Prefetcher(ds, device="cuda", depth=3))
-    assert all(b["image"].is_cuda for b in device)
-    assert all(torch.equal(h["image"], d["image"].cpu()) for h, d in zip(host, device))
+    device = list(Prefetcher(ds, device="cuda", depth=3, producer=producer))
+    assert len(device) == len(host) and all(b["image"].is_cuda for b in device)
+    assert all(torch.equal(h["image"], d["image"].cpu()) and torch.equal(h["idx"], d["idx"].cpu())
+               for h, d in zip(host, device))
 
 
 def test_the_next_epochs_first_shards_are_read_ahead(images):
@@ -101,3 +106,83 @@ def test_the_next_epochs_first_shards_are_read_ahead(images):
         expected = order.rank_batches(ds.shard_rows, ds.spec(1))
         assert all(np.array_equal(a, b) for a, b in zip(ids, expected)) and len(ids) == len(expected)
     assert {epoch for epoch, _ in ds._preloaded} == {2}
+
+
+# ---------------------------------------------------------------------- producer="process"
+
+
+def _ids(loader) -> list[np.ndarray]:
+    return [b["idx"].numpy().copy() for b in loader]
+
+
+def test_a_producer_process_gives_the_same_batches_and_stats(images, cache_opts):
+    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", cache=True, storage_options=cache_opts)
+    thread = [{k: v.clone() for k, v in b.items()} for b in Prefetcher(ds)]
+    loader = Prefetcher(ds, producer="process", depth=2)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        expected = order.rank_batches(ds.shard_rows, ds.spec(1))
+        assert [b["idx"].numpy().tolist() for b in batches] == [e.tolist() for e in expected]
+        assert loader.stats.steps == len(ds) and loader.stats.samples == images.rows("train").num_rows
+        assert loader.stats.hit_rate == 1.0 and 0 <= loader.stats.stall_share <= 1
+        assert not os.path.exists(f"/proc/{loader._feed.pid}"), "the producer is reaped at the end of the epoch"
+    loader.set_epoch(0)
+    again = list(loader)
+    for a, b in zip(thread, again):  # every column equal, and each batch the consumer's own (not a ring slot)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again[0]["image"].data_ptr() != again[1]["image"].data_ptr()
+
+
+def test_a_producer_process_resumes_mid_epoch(images):
+    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3)
+    whole = _ids(Prefetcher(ds, producer="process"))
+    loader = Prefetcher(ds, producer="process")
+    first = []
+    for batch in loader:
+        first.append(batch["idx"].numpy().copy())
+        if len(first) == 5:
+            state = loader.state_dict()
+            break
+    resumed = Prefetcher(StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3), producer="process")
+    resumed.load_state_dict(state)
+    rest = _ids(resumed)
+    assert [a.tolist() for a in first + rest] == [a.tolist() for a in whole]
+
+
+def test_leaving_a_producer_process_early_reaps_it(images):
+    loader = Prefetcher(StreamingDataset(images.url, batch_size=16), producer="process", depth=1)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    assert not os.path.exists(f"/proc/{loader._feed.pid}")
+
+
+def test_a_producer_process_error_reaches_the_consumer(images, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(images.url, copy)
+    ds = StreamingDataset(str(copy), batch_size=64)
+    victim = ds.shards[int(ds.spec(1).seed) % len(ds.shards)].name
+    (copy / victim).unlink() if (copy / victim).exists() else next(copy.rglob(victim)).unlink()
+    with pytest.raises(Exception, match=victim.rsplit("/", 1)[-1]):
+        list(Prefetcher(ds, producer="process"))
+
+
+def test_a_killed_producer_process_is_a_clear_error(images):
+    loader = Prefetcher(StreamingDataset(images.url, batch_size=16), producer="process", depth=1)
+    with pytest.raises(SourceError, match=r"producer process \(pid \d+\) ended without finishing the epoch "
+                                          r"\(killed by signal 9\)"):
+        for i, _ in enumerate(loader):
+            if i == 1:
+                os.kill(loader._feed.pid, signal.SIGKILL)
+
+
+def test_bad_producer_arguments(images):
+    ds = StreamingDataset(images.url, batch_size=16)
+    with pytest.raises(ConfigError, match="producer 'fork' is not allowed; allowed: thread, process"):
+        Prefetcher(ds, producer="fork")
+    with pytest.raises(ConfigError, match="needs a StreamingDataset source and num_workers=0"):
+        Prefetcher(ds, producer="process", num_workers=2)
+    with pytest.raises(ConfigError, match="needs a StreamingDataset source"):
+        Prefetcher([{"x": torch.zeros(1)}], producer="process")
