@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +18,7 @@ from storage import order
 from storage.errors import ConfigError, SourceError
 from storage.loader import StreamingDataset
 from storage.prefetch import Prefetcher
+from tests.conftest import ROOT
 
 
 def test_prefetched_batches_keep_the_order_and_report_stalls(images, cache_opts):
@@ -186,3 +189,37 @@ def test_bad_producer_arguments(images):
         Prefetcher(ds, producer="process", num_workers=2)
     with pytest.raises(ConfigError, match="needs a StreamingDataset source"):
         Prefetcher([{"x": torch.zeros(1)}], producer="process")
+
+
+def test_a_producer_process_exits_when_its_training_process_is_killed(images, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from storage.loader import StreamingDataset\n"
+        "from storage.prefetch import Prefetcher\n"
+        f"loader = Prefetcher(StreamingDataset({images.url!r}, batch_size=16), producer='process', depth=1)\n"
+        "for batch in loader:\n"
+        "    print(loader._feed.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        assert _running(child)
+        proc.kill()  # SIGKILL: no finally blocks run in the training process
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child), "the producer exits once its training process is gone"
+    finally:
+        proc.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
