@@ -7,7 +7,7 @@ writes each batch's numeric columns straight into a slot of a ring of shared mem
 sends the slot's number down a pipe. A copier thread of the training process copies the
 slot to the device on a side stream, hands the slot back once that copy has completed,
 and queues the batch. Other columns (strings, transformed columns, sample ids) travel
-pickled with the slot number.
+encoded (raw numpy bytes, Arrow IPC; never pickle) with the slot number.
 
 Why a process: a producer *thread* holds the training process's GIL while it plans and
 gathers a batch, and a step that waits for the device (``loss.item()``) then also waits
@@ -29,7 +29,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import pickle
+import json
 import select
 import signal
 import struct
@@ -42,7 +42,7 @@ import numpy as np
 
 from storage.errors import SourceError
 
-_HEADER = struct.Struct("<iiI")  # slot (-1: end, -2: error), rows, pickled extras' length
+_HEADER = struct.Struct("<iiI")  # slot (-1: end, -2: error), rows, encoded extras' length
 _SLOT = struct.Struct("<i")
 _END, _ERROR = -1, -2  # slot numbers that say the epoch ended, or failed
 _ALIGN = 64
@@ -215,7 +215,49 @@ def _read_message(fd: int, pid: int) -> tuple[int, int, Any]:
     payload = _read_exact(fd, size) if size else b""
     if payload is None:
         raise SourceError(f"the loader's producer process (pid {pid}) ended in the middle of a batch")
-    return slot, rows, pickle.loads(payload) if payload else {}
+    if slot == _ERROR:
+        return slot, rows, SourceError(payload.decode("utf-8", "replace"))
+    return slot, rows, _decode(payload) if payload else {}
+
+
+def _encode(extras: dict[str, Any]) -> bytes:
+    """Columns that are not in the ring: numpy arrays as raw bytes, Arrow arrays as IPC (no pickle)."""
+    import pyarrow as pa
+
+    meta, blobs = [], []
+    for name, value in extras.items():
+        if isinstance(value, np.ndarray):
+            data = np.ascontiguousarray(value).tobytes()
+            meta.append({"name": name, "kind": "numpy", "dtype": value.dtype.str, "shape": list(value.shape),
+                         "size": len(data)})
+        else:
+            sink = pa.BufferOutputStream()
+            array = pa.array(value) if not isinstance(value, (pa.Array, pa.ChunkedArray)) else value
+            batch = pa.record_batch([pa.concat_arrays(array.chunks) if isinstance(array, pa.ChunkedArray)
+                                     else array], names=["v"])
+            with pa.ipc.new_stream(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+            data = sink.getvalue().to_pybytes()
+            meta.append({"name": name, "kind": "arrow", "size": len(data)})
+        blobs.append(data)
+    head = json.dumps(meta).encode()
+    return struct.pack("<I", len(head)) + head + b"".join(blobs)
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    import pyarrow as pa
+
+    (size,) = struct.unpack_from("<I", payload)
+    meta = json.loads(payload[4:4 + size])
+    out, at = {}, 4 + size
+    for item in meta:
+        data = payload[at: at + item["size"]]
+        at += item["size"]
+        if item["kind"] == "numpy":
+            out[item["name"]] = np.frombuffer(data, dtype=np.dtype(item["dtype"])).reshape(item["shape"]).copy()
+        else:
+            out[item["name"]] = pa.ipc.open_stream(data).read_next_batch().column(0)
+    return out
 
 
 def _reap(pid: int, timeout: float = 10.0) -> int | None:
@@ -264,17 +306,13 @@ def _produce(dataset, start: int, ring, layout: _Layout, r_free: int, w_ready: i
         for arrays in dataset.numpy_batches(start, 0, 1, out=out):
             views = current.pop("views")
             extras = {k: v for k, v in arrays.items() if views.get(k) is not v}
-            payload = pickle.dumps(extras, protocol=pickle.HIGHEST_PROTOCOL) if extras else b""
+            payload = _encode(extras) if extras else b""
             _write_all(w_ready, _HEADER.pack(current["slot"], current["rows"], len(payload)) + payload)
         _write_all(w_ready, _HEADER.pack(_END, 0, 0))
     except (_Stop, BrokenPipeError):
         pass
     except BaseException as exc:  # raised in the training process
-        try:
-            payload = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-            pickle.loads(payload)
-        except Exception:
-            payload = pickle.dumps(SourceError(f"the loader's producer process failed: {exc!r}"))
+        payload = f"the loader's producer process failed: {type(exc).__name__}: {exc}".encode()
         try:
             _write_all(w_ready, _HEADER.pack(_ERROR, 0, len(payload)) + payload)
         except OSError:
