@@ -39,12 +39,14 @@ from collections import deque
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from storage.errors import SourceError
+from storage.prefetch import _END, _Queue
 
-_HEADER = struct.Struct("<iiI")  # slot (-1: end, -2: error), rows, encoded extras' length
+_HEADER = struct.Struct("<iiI")  # slot (-1: end, -2: failed), rows, encoded extras' length
 _SLOT = struct.Struct("<i")
-_END, _ERROR = -1, -2  # slot numbers that say the epoch ended, or failed
+_LAST, _FAILED = -1, -2  # slot numbers that say the epoch ended, or failed
 _ALIGN = 64
 
 
@@ -88,8 +90,6 @@ class ProcessFeed:
         the device on a side stream, or out of the ring on a CPU), hands the slot back once
         the copy is done and queues the batch; at most ``depth`` batches wait.
         """
-        from storage.prefetch import _Queue
-
         ring = mmap.mmap(-1, self.slots * self.layout.slot_bytes)
         r_ready, w_ready = os.pipe()
         r_free, w_free = os.pipe()
@@ -101,7 +101,6 @@ class ProcessFeed:
             _produce(self.dataset, start, ring, self.layout, r_free, w_ready, parent)
         os.close(w_ready)
         os.close(r_free)
-        torch = self._torch()
         registered = self._register(ring) if self.cuda else None
         queue = _Queue(max(1, depth))
         copier = threading.Thread(target=self._copy, args=(ring, r_ready, w_free, pid, queue),
@@ -135,30 +134,21 @@ class ProcessFeed:
 
     # ------------------------------------------------------------------ training process
 
-    @staticmethod
-    def _torch():
-        import torch
-
-        return torch
-
     def _register(self, ring: mmap.mmap) -> int | None:
         address = ctypes.addressof(ctypes.c_char.from_buffer(ring))
-        error = self._torch().cuda.cudart().cudaHostRegister(address, len(ring), 0)
+        error = torch.cuda.cudart().cudaHostRegister(address, len(ring), 0)
         return address if int(error) == 0 else None  # unregistered, copies are synchronous but right
 
     def _copy(self, ring, r_ready: int, w_free: int, pid: int, queue) -> None:
-        from storage.prefetch import _END as _ENDED
-
-        torch = self._torch()
         stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         copying: deque[tuple[int, Any]] = deque()  # (slot, event) until the slot's copy has completed
         try:
             while True:
                 slot, rows, extras = _read_message(r_ready, pid)
-                if slot == _END:
-                    queue.put(_ENDED)
+                if slot == _LAST:
+                    queue.put(_END)
                     return
-                if slot == _ERROR:
+                if slot == _FAILED:
                     queue.put(extras)
                     return
                 host = self.layout.views(ring, slot, rows)
@@ -183,7 +173,6 @@ class ProcessFeed:
                     return
         except BaseException as exc:  # raised in the consumer
             queue.put(exc)
-
 
 
 def _give(w_free: int, slot: int) -> None:
@@ -215,7 +204,7 @@ def _read_message(fd: int, pid: int) -> tuple[int, int, Any]:
     payload = _read_exact(fd, size) if size else b""
     if payload is None:
         raise SourceError(f"the loader's producer process (pid {pid}) ended in the middle of a batch")
-    if slot == _ERROR:
+    if slot == _FAILED:
         return slot, rows, SourceError(payload.decode("utf-8", "replace"))
     return slot, rows, _decode(payload) if payload else {}
 
@@ -308,13 +297,13 @@ def _produce(dataset, start: int, ring, layout: _Layout, r_free: int, w_ready: i
             extras = {k: v for k, v in arrays.items() if views.get(k) is not v}
             payload = _encode(extras) if extras else b""
             _write_all(w_ready, _HEADER.pack(current["slot"], current["rows"], len(payload)) + payload)
-        _write_all(w_ready, _HEADER.pack(_END, 0, 0))
+        _write_all(w_ready, _HEADER.pack(_LAST, 0, 0))
     except (_Stop, BrokenPipeError):
         pass
     except BaseException as exc:  # raised in the training process
         payload = f"the loader's producer process failed: {type(exc).__name__}: {exc}".encode()
         try:
-            _write_all(w_ready, _HEADER.pack(_ERROR, 0, len(payload)) + payload)
+            _write_all(w_ready, _HEADER.pack(_FAILED, 0, len(payload)) + payload)
         except OSError:
             status = 1
     finally:

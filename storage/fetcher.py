@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait as futures_wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait as futures_wait
 from typing import Callable, Generic, Iterable, TypeVar
 
 import numpy as np
@@ -29,7 +29,7 @@ Result = TypeVar("Result")
 MAX_DEPTH = 32
 
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
@@ -38,13 +38,13 @@ def read_pool() -> ThreadPoolExecutor:
 
     ``MAX_DEPTH`` threads, started as reads need them and kept from one epoch (or loader)
     to the next, so an epoch does not begin by starting threads. A forked child (a
-    ``DataLoader`` worker) makes its own.
+    ``DataLoader`` worker) makes its own: the fork hook below forgets the parent's.
     """
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=MAX_DEPTH, thread_name_prefix="swarm-read"))
-        return _pool[1]
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=MAX_DEPTH, thread_name_prefix="swarm-read")
+        return _pool
 
 
 def _after_fork() -> None:
@@ -56,19 +56,16 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 class ShardFetcher(Generic[Item, Result]):
-    """``map(read, items)`` in order, with up to ``depth`` reads running ahead.
-
-    Reads run on ``pool`` (by default the process's :func:`read_pool`), which needs
-    ``depth`` free workers for the reads to run side by side.
-    """
+    """``map(read, items)`` in order, with up to ``depth`` reads running ahead on the
+    process's :func:`read_pool`."""
 
     def __init__(self, read: Callable[[Item], Result], items: Iterable[Item], depth: int = 4,
-                 size: Callable[[Item], int] = lambda item: 0, pool: Executor | None = None):
+                 size: Callable[[Item], int] = lambda item: 0):
         self._read = read
         self._items = iter(items)
         self._size = size
         self._pending: deque[tuple[Future, int]] = deque()
-        self._pool = pool if pool is not None else read_pool()
+        self._pool = read_pool()
         self._lock = threading.Lock()
         self.depth = depth
         self.wait_s = 0.0  # time the consumer waited for a read to finish
