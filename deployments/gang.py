@@ -7,13 +7,22 @@ caller to retry the whole group. A member still running ``straggler_s`` after an
 finished is stuck (its peers have left every collective): its worker is restarted, since
 Dask cannot stop a running thread, and the group fails the same way; a member that failed with a user error (a
 :class:`~storage.errors.SwarmError`: bad input, damaged data) raises that error instead.
+
+A cancelled member keeps running in its worker's thread, so each attempt first *takes over*
+its gang (:func:`take_over`): every worker learns the attempt's token, members of earlier
+attempts stop at their next :func:`check` with :class:`Superseded`, and the attempt waits
+until they have left (restarting the workers of any still there after a bound) before it
+reads what they wrote. Nothing an abandoned attempt does can then overlap its successor.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
-from typing import Any, Callable
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import dask
 
@@ -22,6 +31,70 @@ from storage.errors import ConfigError, SwarmError
 
 class GangFailed(RuntimeError):
     """A member of the group failed; the group as a whole should be retried."""
+
+
+class Superseded(SwarmError):
+    """A member whose gang a newer attempt (or another run with the same key) has taken over."""
+
+
+# Per worker process: the current attempt's token of each gang, and the members running here.
+_LOCK = threading.Lock()
+_CURRENT: dict[str, str] = {}
+_RUNNING: dict[str, Counter] = {}
+
+
+@contextmanager
+def membership(key: str, token: str | None) -> Iterator[None]:
+    """Run a member of attempt ``token`` of gang ``key`` in this process (no-op without a token)."""
+    if token is None:
+        yield
+        return
+    with _LOCK:
+        _RUNNING.setdefault(key, Counter())[token] += 1
+    try:
+        check(key, token)
+        yield
+    finally:
+        with _LOCK:
+            _RUNNING[key][token] -= 1
+            if not +_RUNNING[key]:
+                del _RUNNING[key]
+
+
+def check(key: str, token: str | None) -> None:
+    """Raise :class:`Superseded` if a newer attempt has taken gang ``key`` over; cheap enough per step."""
+    current = _CURRENT.get(key)
+    if token is not None and current is not None and current != token:
+        raise Superseded(f"this attempt at {key!r} was taken over by a newer one (a retry of the group, "
+                         "or another run with the same checkpoint folder); it stopped without writing more")
+
+
+def _supersede(key: str, token: str) -> int:
+    """On a worker: make ``token`` current for ``key``; how many older members still run here."""
+    with _LOCK:
+        _CURRENT[key] = token
+        return sum(n for t, n in _RUNNING.get(key, Counter()).items() if t != token)
+
+
+def take_over(client, key: str, token: str, wait_s: float, poll_s: float = 0.25) -> list[str]:
+    """Make ``token`` the current attempt of gang ``key`` on every worker and wait until members of
+    earlier attempts have left. Workers still running one after ``wait_s`` (stuck in a native call)
+    are restarted; returns their addresses, so the caller can wait for their replacements."""
+    deadline = time.monotonic() + wait_s
+    while stale := _stale(client, key, token):
+        if time.monotonic() >= deadline:
+            _restart(client, stale)
+            if still := _stale(client, key, token):
+                raise GangFailed(f"worker(s) {', '.join(still)} still run a member of an earlier attempt "
+                                 f"{wait_s:.0f} s after it was superseded and could not be restarted")
+            return stale
+        time.sleep(poll_s)
+    return []
+
+
+def _stale(client, key: str, token: str) -> list[str]:
+    counts = client.run(_supersede, key, token, on_error="return")  # a worker leaving meanwhile is no answer
+    return sorted(w for w, n in counts.items() if isinstance(n, int) and n > 0)
 
 
 def _free_port() -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from deployments.cluster import dask_runner
-from deployments.gang import free_port_on, has_resource, host_of, pick_workers, run_gang
+from deployments.gang import free_port_on, has_resource, host_of, pick_workers, run_gang, take_over
 from deployments.progress import Progress
 from flows.base import swarm_flow
 from storage.errors import ConfigError, SwarmError
@@ -56,14 +57,18 @@ def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[Ra
         gpu = has_resource(client, "GPU")
         if config.precision == "fp16-mixed" and not gpu:
             raise ConfigError("precision fp16-mixed needs GPU workers (CUDA and a gradient scaler); use bf16-mixed or fp32")
+        # Ranks of an earlier attempt (or run) on this checkpoint folder stop and leave before
+        # this one reads the latest checkpoint: Dask cannot stop their threads, only they can.
+        token = uuid.uuid4().hex
+        restarted = take_over(client, config.checkpoint_dir, token, wait_s=config.timeout_s + 30)
         # A retry waits for the cluster to replace lost workers; a first attempt fails fast.
-        workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 else 90,
+        workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 and not restarted else 90,
                                resource="GPU" if gpu else None)
         port = free_port_on(client, workers[0]) if config.world_size > 1 else 0
         resume_from = latest_checkpoint(config)
         jobs = [
             RankJob(config, plan.model_name, plan.model_args, plan.columns, rank, config.world_size,
-                    host_of(workers[0]), port, attempt, resume_from)
+                    host_of(workers[0]), port, attempt, resume_from, token)
             for rank in range(config.world_size)
         ]
         progress: dict[str, Progress] = {}
@@ -94,9 +99,11 @@ def _run_group_with_retries(config: TrainConfig, plan: TrainPlan) -> list[RankRe
             state.result()
         except SwarmError:
             raise
-        except Exception:
+        except Exception as exc:
             if attempt > config.max_retries:
                 raise
+            get_run_logger().warning("training attempt %d of %d failed (%s: %s); retrying the whole group",
+                                     attempt, config.max_retries + 1, type(exc).__name__, exc)
     raise AssertionError("unreachable")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
+from deployments import gang
 from storage import checkpoint as ckpt
 from storage.errors import ConfigError
 from tasks.models import build_model
@@ -43,6 +44,7 @@ class RankJob:
     master_port: int = 0
     attempt: int = 0
     resume_from: str | None = None
+    gang: str | None = None  # the attempt's token (see deployments.gang): a superseded rank stops
 
 
 @dataclass
@@ -209,7 +211,16 @@ def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]
 
 
 def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
-    """Train one rank of a group (the whole job when ``world_size`` is 1)."""
+    """Train one rank of a group (the whole job when ``world_size`` is 1).
+
+    A rank of an attempt that a newer one has taken over stops before its next step with
+    :class:`~deployments.gang.Superseded`, so it never writes over its successor's checkpoints.
+    """
+    with gang.membership(job.config.checkpoint_dir, job.gang):
+        return _train_rank(job, reporter)
+
+
+def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
     import torch
     import torch.nn.functional as F
 
@@ -263,6 +274,7 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
+                gang.check(cfg.checkpoint_dir, job.gang)
                 xb, yb = batch[feature].to(device, non_blocking=True), batch[label].to(device, non_blocking=True)
                 with autocast():
                     logits = net(xb)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
@@ -123,14 +124,21 @@ def test_ui_run_button_starts_a_deployment(deployed, prefect_api, tmp_path):
         assert dest.input_value() == "swarm-data/datasets/digits"
         dest.fill(str(tmp_path / "from-ui"))
         page.screenshot(path=str(tmp_path / "ui-run-form.png"))
-        dialog.get_by_role("button", name="Run", exact=True).click()
-        deadline = time.monotonic() + 30
-        new = []
-        while time.monotonic() < deadline and not new:
-            with _client() as client:
-                new = [r for r in client.read_flow_runs(deployment_filter=of_deployment) if r.id not in before]
-            time.sleep(0.5)
-        assert new, "pressing Run > Quick run created no flow run"
+        # The UI validates the parameters against the server, then posts the run: wait for that post
+        # (a loaded 2-core machine can take many seconds) rather than polling for a fixed time.
+        try:
+            with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith(
+                    f"/deployments/{dep.id}/create_flow_run"), timeout=120_000) as posted:
+                dialog.get_by_role("button", name="Run", exact=True).click()
+            response = posted.value
+        except sync_api.TimeoutError:
+            page.screenshot(path=str(tmp_path / "ui-run-no-post.png"))
+            pytest.fail(f"pressing Run in the dialog posted no flow run in 120 s; the page shows: "
+                        f"{page.inner_text('body')[:800]!r}")
+        assert response.ok, f"the UI's create_flow_run got {response.status}: {response.text()[:500]}"
+        with _client() as client:
+            new = [r for r in client.read_flow_runs(deployment_filter=of_deployment) if r.id not in before]
+        assert [r.id for r in new] == [UUID(response.json()["id"])], "pressing Run > Quick run created no flow run"
         final = wait_final(new[0].id)
         assert final.state.is_completed(), final.state
         assert Dataset.open(str(tmp_path / "from-ui")).manifest.rows == 1797

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
+import fsspec
 import pytest
 from prefect import flow, task
 
 from deployments.cluster import dask_runner
-from deployments.gang import GangFailed, pick_workers, run_gang
+from deployments import gang as gang_module
+from deployments.gang import GangFailed, Superseded, check, membership, pick_workers, run_gang, take_over
 
 
 @task(name="gang-member")
@@ -51,3 +54,79 @@ def test_a_member_stuck_after_the_others_finished_fails_the_group_and_its_worker
         client.wait_for_workers(2, timeout=120)
         after = set(_worker_pids(client).values())
         assert len(after) == 2 and len(after - before) == 1, "the stuck member's worker was not restarted"
+
+
+def _member_loop(key: str, token: str, checks: bool) -> None:
+    """A member of attempt ``token``: one that checks its gang each step, or one stuck in a native call."""
+    with membership(key, token):
+        while True:
+            if checks:
+                check(key, token)
+            time.sleep(0.02)
+
+
+def _running(client, key: str) -> int:
+    return sum(client.run(lambda: sum(gang_module._RUNNING.get(key, {}).values())).values())
+
+
+@pytest.mark.timeout(300)
+def test_take_over_stops_the_members_of_an_earlier_attempt_before_returning(dask_cluster):
+    """An abandoned attempt's members (Dask cannot stop their threads) stop at their next check."""
+    from distributed import Client
+
+    key = f"ckpt-{uuid.uuid4().hex}"
+    with Client(dask_cluster.scheduler_address) as client:
+        workers = pick_workers(client, 2)
+        old = [client.submit(_member_loop, key, "attempt-1", True, workers=[w], pure=False) for w in workers]
+        deadline = time.monotonic() + 60
+        while _running(client, key) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _running(client, key) == 2
+        assert take_over(client, key, "attempt-2", wait_s=60) == []
+        assert _running(client, key) == 0  # all left before take_over returned
+        for fut in old:
+            with pytest.raises(Superseded, match="taken over by a newer one"):
+                fut.result(timeout=30)
+        # The current attempt's members run on; a later take-over with the same token waits for nobody.
+        new = client.submit(_member_loop, key, "attempt-2", True, workers=[workers[0]], pure=False)
+        while _running(client, key) < 1:
+            time.sleep(0.05)
+        assert take_over(client, key, "attempt-2", wait_s=1) == []
+        assert not new.done()
+        assert take_over(client, key, "attempt-3", wait_s=60) == []
+        with pytest.raises(Superseded):
+            new.result(timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_take_over_restarts_a_worker_whose_old_member_never_checks(dask_cluster):
+    from distributed import Client
+
+    key = f"ckpt-{uuid.uuid4().hex}"
+    with Client(dask_cluster.scheduler_address) as client:
+        workers = pick_workers(client, 2)
+        before = _worker_pids(client)
+        client.submit(_member_loop, key, "attempt-1", False, workers=[workers[1]], pure=False)
+        while _running(client, key) < 1:
+            time.sleep(0.05)
+        assert take_over(client, key, "attempt-2", wait_s=2) == [workers[1]]
+        client.wait_for_workers(2, timeout=120)
+        after = _worker_pids(client)
+        assert before[workers[0]] == after.get(workers[0]), "a worker without old members was restarted"
+        assert before[workers[1]] not in after.values(), "the stuck member's worker was not restarted"
+        assert _running(client, key) == 0
+
+
+def test_a_rank_of_a_superseded_attempt_writes_nothing(digits_dataset, tmp_path):
+    """In process: a rank whose attempt was taken over stops before its first step, with a clear error."""
+    from storage import checkpoint as ckpt
+    from tasks.training import TrainConfig, prepare_training
+    from tasks.training.rank import RankJob, train_rank
+
+    cfg = TrainConfig(dataset=digits_dataset, epochs=1, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=1)
+    plan = prepare_training(cfg)
+    gang_module._supersede(cfg.checkpoint_dir, "newer")
+    with pytest.raises(Superseded, match="taken over by a newer one"):
+        train_rank(RankJob(cfg, plan.model_name, plan.model_args, plan.columns, gang="older"))
+    assert ckpt.steps(fsspec.filesystem("file"), cfg.checkpoint_dir) == []
+    assert train_rank(RankJob(cfg, plan.model_name, plan.model_args, plan.columns, gang="newer")).epochs == 1

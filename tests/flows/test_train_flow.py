@@ -143,6 +143,41 @@ def test_killed_rank_worker_resumes_from_checkpoint(dask_cluster, digits_dataset
     assert abs(result.val_acc - clean.val_acc) <= 0.01
 
 
+def test_rerun_after_the_flow_process_is_killed_stops_its_orphaned_ranks_then_resumes(dask_cluster, digits_dataset,
+                                                                                        tmp_path):
+    """SIGKILL the process running a training flow: its ranks run on in the Dask workers' threads,
+    which Dask cannot stop. A re-run on the same checkpoint folder stops them before it reads the
+    latest checkpoint (else they would go on writing and pruning under it), resumes, completes."""
+    from distributed import Client
+
+    from deployments import gang
+    from flows.train import train_model
+
+    ck = str(tmp_path / "ck")
+    common = dict(dataset=digits_dataset, epochs=40, world_size=2, batch_size=16, checkpoint_every=10, seed=1)
+    cli = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import entrypoint; entrypoint()", "train", digits_dataset,
+         "--world-size", "2", "--epochs", "40", "--batch-size", "16", "--checkpoint-every", "10", "--seed", "1",
+         "--checkpoint-dir", ck],
+        cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(ckpt.steps(_localfs(), ck)) < 2:
+        time.sleep(0.05)
+    os.killpg(cli.pid, signal.SIGKILL)
+    cli.wait(timeout=30)
+
+    def orphans(client) -> int:
+        return sum(client.run(lambda: sum(gang._RUNNING.get(ck, {}).values())).values())
+
+    with Client(dask_cluster.scheduler_address) as client:
+        assert orphans(client) == 2, "the killed flow's ranks should still be running on the workers"
+        result = train_model(TrainConfig(checkpoint_dir=ck, **common))
+        assert orphans(client) == 0
+    assert result.attempts == 1
+    assert result.resumed_from is not None and result.epochs == 40
+    assert result.val_acc >= 0.95
+
+
 def _localfs():
     import fsspec
 
