@@ -93,8 +93,20 @@ def take_over(client, key: str, token: str, wait_s: float, poll_s: float = 0.25)
 
 
 def _stale(client, key: str, token: str) -> list[str]:
-    counts = client.run(_supersede, key, token, on_error="return")  # a worker leaving meanwhile is no answer
-    return sorted(w for w, n in counts.items() if isinstance(n, int) and n > 0)
+    """Workers still running older members of ``key``; one that did not answer counts unless it left."""
+    counts = client.run(_supersede, key, token, on_error="return")
+    alive = set(client.scheduler_info(n_workers=-1)["workers"])
+    return sorted(w for w, n in counts.items() if (n > 0 if isinstance(n, int) else w in alive))
+
+
+def taken_over(client, key: str, token: str) -> bool:
+    """Whether another attempt or run has made itself current for ``key`` on some worker."""
+    current = client.run(_current, key, on_error="ignore")
+    return any(t is not None and t != token for t in current.values())
+
+
+def _current(key: str) -> str | None:
+    return _CURRENT.get(key)
 
 
 def _free_port() -> int:

@@ -10,7 +10,17 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from deployments.cluster import dask_runner
-from deployments.gang import free_port_on, has_resource, host_of, pick_workers, run_gang, take_over
+from deployments.gang import (
+    GangFailed,
+    Superseded,
+    free_port_on,
+    has_resource,
+    host_of,
+    pick_workers,
+    run_gang,
+    take_over,
+    taken_over,
+)
 from deployments.progress import Progress
 from flows.base import swarm_flow
 from storage.errors import ConfigError, SwarmError
@@ -22,6 +32,7 @@ from tasks.training import (
     TrainConfig,
     TrainPlan,
     clear_checkpoints,
+    gang_key,
     latest_checkpoint,
     prepare_training_task,
     train_rank_task,
@@ -57,10 +68,8 @@ def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[Ra
         gpu = has_resource(client, "GPU")
         if config.precision == "fp16-mixed" and not gpu:
             raise ConfigError("precision fp16-mixed needs GPU workers (CUDA and a gradient scaler); use bf16-mixed or fp32")
-        # Ranks of an earlier attempt (or run) on this checkpoint folder stop and leave before
-        # this one reads the latest checkpoint: Dask cannot stop their threads, only they can.
         token = uuid.uuid4().hex
-        restarted = take_over(client, config.checkpoint_dir, token, wait_s=config.timeout_s + 30)
+        restarted = _take_over(client, config, token)
         # A retry waits for the cluster to replace lost workers; a first attempt fails fast.
         workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 and not restarted else 90,
                                resource="GPU" if gpu else None)
@@ -84,9 +93,20 @@ def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[Ra
         try:
             return run_gang(runner, train_rank_task, jobs, workers, resources={"GPU": 1} if gpu else None,
                             on_poll=forward_progress, straggler_s=2 * config.timeout_s)
+        except GangFailed as exc:
+            if taken_over(client, gang_key(config), token):  # not ours to retry: another run took the folder
+                raise Superseded(f"training on {config.checkpoint_dir!r} stopped: another run took over that "
+                                 "checkpoint folder; give each concurrent run its own --checkpoint-dir") from exc
+            raise
         finally:
             client.unsubscribe_topic(PROGRESS_TOPIC)
             forward_progress()
+
+
+def _take_over(client, config: TrainConfig, token: str) -> list[str]:
+    """Ranks of an earlier attempt or run on this checkpoint folder stop and leave before this one
+    touches it: Dask cannot stop their threads, only they can (see :func:`deployments.gang.take_over`)."""
+    return take_over(client, gang_key(config), token, wait_s=config.timeout_s + 30)
 
 
 def _run_group_with_retries(config: TrainConfig, plan: TrainPlan) -> list[RankResult]:
@@ -111,6 +131,8 @@ def _run_group_with_retries(config: TrainConfig, plan: TrainPlan) -> list[RankRe
 def train_model(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset``; resumes from the last checkpoint."""
     started = time.perf_counter()
+    with dask_runner(config.dask_address) as runner:  # before anything reads or clears the folder
+        _take_over(runner.client, config, uuid.uuid4().hex)
     plan = prepare_training_task(config)
     if not config.resume:
         clear_checkpoints(config)

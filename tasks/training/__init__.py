@@ -14,12 +14,12 @@ from storage.errors import ConfigError, IntegrityError
 from tasks.models import build_model, default_model, infer_args
 from tasks.training.config import TrainConfig, TrainOptions
 from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
-from tasks.training.rank import RankJob, RankResult, train_rank
+from tasks.training.rank import RankJob, RankResult, gang_key, train_rank
 
 PROGRESS_TOPIC = "swarm-train-progress"
 
 __all__ = ["TrainConfig", "TrainPlan", "prepare_training", "prepare_training_task", "train_rank_task", "RankJob",
-           "RankResult", "PROGRESS_TOPIC"]
+           "RankResult", "PROGRESS_TOPIC", "gang_key"]
 
 
 @dataclass(frozen=True)

@@ -216,8 +216,13 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
     A rank of an attempt that a newer one has taken over stops before its next step with
     :class:`~deployments.gang.Superseded`, so it never writes over its successor's checkpoints.
     """
-    with gang.membership(job.config.checkpoint_dir, job.gang):
+    with gang.membership(gang_key(job.config), job.gang):
         return _train_rank(job, reporter)
+
+
+def gang_key(cfg: TrainConfig) -> str:
+    """What an attempt takes over: its checkpoint folder (one run writes there at a time)."""
+    return cfg.checkpoint_dir.rstrip("/")
 
 
 def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
@@ -274,7 +279,7 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
-                gang.check(cfg.checkpoint_dir, job.gang)
+                gang.check(gang_key(cfg), job.gang)
                 xb, yb = batch[feature].to(device, non_blocking=True), batch[label].to(device, non_blocking=True)
                 with autocast():
                     logits = net(xb)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from contextlib import contextmanager
 
 import fsspec
 import pytest
@@ -12,7 +13,16 @@ from prefect import flow, task
 
 from deployments.cluster import dask_runner
 from deployments import gang as gang_module
-from deployments.gang import GangFailed, Superseded, check, membership, pick_workers, run_gang, take_over
+from deployments.gang import (
+    GangFailed,
+    Superseded,
+    check,
+    membership,
+    pick_workers,
+    run_gang,
+    take_over,
+    taken_over,
+)
 
 
 @task(name="gang-member")
@@ -69,19 +79,33 @@ def _running(client, key: str) -> int:
     return sum(client.run(lambda: sum(gang_module._RUNNING.get(key, {}).values())).values())
 
 
+def _wait_running(client, key: str, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while _running(client, key) < n:
+        assert time.monotonic() < deadline, f"{n} member(s) did not start in 60 s"
+        time.sleep(0.05)
+
+
+@contextmanager
+def _gang_key(client):
+    """A fresh gang key; afterwards no member of it is left on the session's workers (their only threads)."""
+    key = f"ckpt-{uuid.uuid4().hex}"
+    try:
+        yield key
+    finally:
+        take_over(client, key, "cleanup", wait_s=5)
+        client.wait_for_workers(2, timeout=120)
+
+
 @pytest.mark.timeout(300)
 def test_take_over_stops_the_members_of_an_earlier_attempt_before_returning(dask_cluster):
     """An abandoned attempt's members (Dask cannot stop their threads) stop at their next check."""
     from distributed import Client
 
-    key = f"ckpt-{uuid.uuid4().hex}"
-    with Client(dask_cluster.scheduler_address) as client:
+    with Client(dask_cluster.scheduler_address) as client, _gang_key(client) as key:
         workers = pick_workers(client, 2)
         old = [client.submit(_member_loop, key, "attempt-1", True, workers=[w], pure=False) for w in workers]
-        deadline = time.monotonic() + 60
-        while _running(client, key) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _running(client, key) == 2
+        _wait_running(client, key, 2)
         assert take_over(client, key, "attempt-2", wait_s=60) == []
         assert _running(client, key) == 0  # all left before take_over returned
         for fut in old:
@@ -89,11 +113,11 @@ def test_take_over_stops_the_members_of_an_earlier_attempt_before_returning(dask
                 fut.result(timeout=30)
         # The current attempt's members run on; a later take-over with the same token waits for nobody.
         new = client.submit(_member_loop, key, "attempt-2", True, workers=[workers[0]], pure=False)
-        while _running(client, key) < 1:
-            time.sleep(0.05)
+        _wait_running(client, key, 1)
         assert take_over(client, key, "attempt-2", wait_s=1) == []
-        assert not new.done()
+        assert not new.done() and not taken_over(client, key, "attempt-2")
         assert take_over(client, key, "attempt-3", wait_s=60) == []
+        assert taken_over(client, key, "attempt-2")
         with pytest.raises(Superseded):
             new.result(timeout=30)
 
@@ -102,13 +126,11 @@ def test_take_over_stops_the_members_of_an_earlier_attempt_before_returning(dask
 def test_take_over_restarts_a_worker_whose_old_member_never_checks(dask_cluster):
     from distributed import Client
 
-    key = f"ckpt-{uuid.uuid4().hex}"
-    with Client(dask_cluster.scheduler_address) as client:
+    with Client(dask_cluster.scheduler_address) as client, _gang_key(client) as key:
         workers = pick_workers(client, 2)
         before = _worker_pids(client)
         client.submit(_member_loop, key, "attempt-1", False, workers=[workers[1]], pure=False)
-        while _running(client, key) < 1:
-            time.sleep(0.05)
+        _wait_running(client, key, 1)
         assert take_over(client, key, "attempt-2", wait_s=2) == [workers[1]]
         client.wait_for_workers(2, timeout=120)
         after = _worker_pids(client)

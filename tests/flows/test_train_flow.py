@@ -159,9 +159,12 @@ def test_rerun_after_the_flow_process_is_killed_stops_its_orphaned_ranks_then_re
         [sys.executable, "-c", "from flows.cli import entrypoint; entrypoint()", "train", digits_dataset,
          "--world-size", "2", "--epochs", "40", "--batch-size", "16", "--checkpoint-every", "10", "--seed", "1",
          "--checkpoint-dir", ck],
-        cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "cli.err", "w"),
+        start_new_session=True)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and len(ckpt.steps(_localfs(), ck)) < 2:
+    while len(ckpt.steps(_localfs(), ck)) < 2:
+        assert cli.poll() is None, f"swarm train exited {cli.returncode}: {(tmp_path / 'cli.err').read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "swarm train wrote no 2 checkpoints in 180 s"
         time.sleep(0.05)
     os.killpg(cli.pid, signal.SIGKILL)
     cli.wait(timeout=30)
@@ -176,6 +179,36 @@ def test_rerun_after_the_flow_process_is_killed_stops_its_orphaned_ranks_then_re
     assert result.attempts == 1
     assert result.resumed_from is not None and result.epochs == 40
     assert result.val_acc >= 0.95
+
+
+def test_a_second_run_on_the_same_checkpoint_folder_takes_it_over(dask_cluster, digits_dataset, tmp_path):
+    """Two runs started on one folder (Run pressed twice): the newer resumes from the older's
+    checkpoints and completes; the older stops with a clear error instead of retrying against it."""
+    from deployments.gang import Superseded
+    from flows.train import train_model
+
+    ck = str(tmp_path / "ck")
+    config = TrainConfig(dataset=digits_dataset, epochs=40, world_size=2, batch_size=16, checkpoint_every=10,
+                         seed=1, checkpoint_dir=ck)
+    outcome = {}
+
+    def older():
+        try:
+            outcome["result"] = train_model(config)
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=older)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while len(ckpt.steps(_localfs(), ck)) < 2:
+        assert thread.is_alive() and time.monotonic() < deadline, f"the first run wrote no 2 checkpoints: {outcome}"
+        time.sleep(0.05)
+    newer = train_model(config)
+    thread.join(timeout=300)
+    assert isinstance(outcome.get("error"), Superseded), outcome
+    assert "another run took over" in str(outcome["error"]) or "taken over by a newer one" in str(outcome["error"])
+    assert newer.attempts == 1 and newer.resumed_from is not None and newer.epochs == 40
 
 
 def _localfs():
