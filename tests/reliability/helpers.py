@@ -80,7 +80,20 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, code: in
     assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}: {proc.stderr[-2000:]}"
     for needle in needles:
         assert needle in text, f"{needle!r} not in the error: {proc.stderr[-2000:]}"
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, _traceback_summary(proc.stderr + proc.stdout)
+
+
+def _traceback_summary(text: str) -> str:
+    """The first traceback in ``text``, shortest first: its exception line and where it was raised
+    (a trial keeps only the start of its error), then the whole traceback."""
+    start = text.index("Traceback")
+    before = (text[:start].splitlines() or [""])[-1].strip()[:120]  # who printed it (a logger, a thread)
+    lines = text[start:].splitlines()
+    body = [lines[0]] + [ln for ln in lines[1:] if ln.startswith(" ")][:60]
+    rest = lines[len(body):]
+    exception = rest[0] if rest else "?"
+    where = next((ln.strip() for ln in reversed(body) if ln.strip().startswith("File ")), "?")
+    return f"a traceback in the output: {exception} at {where}, after {before!r}\n" + "\n".join(body)
     assert "internal error" not in proc.stderr, proc.stderr[-2000:]
 
 
