@@ -73,6 +73,13 @@ def start_dask(n_workers: int = 2):
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
 
+def gang_members_running(client, key: str) -> int:
+    """Members of gang ``key`` (see :mod:`deployments.gang`) running on the cluster's workers now."""
+    from deployments import gang
+
+    return sum(client.run(lambda: sum(gang._RUNNING.get(key, {}).values())).values())
+
+
 def settled_task_runs(flow_run_id, timeout: float = 30.0) -> list:
     """The task runs of a flow run once none of them is still pending or running.
 

@@ -11,8 +11,8 @@ import fsspec
 import pytest
 from prefect import flow, task
 
-from deployments.cluster import dask_runner
 from deployments import gang as gang_module
+from deployments.cluster import dask_runner
 from deployments.gang import (
     GangFailed,
     Superseded,
@@ -23,6 +23,7 @@ from deployments.gang import (
     take_over,
     taken_over,
 )
+from tests.services import gang_members_running
 
 
 @task(name="gang-member")
@@ -75,13 +76,9 @@ def _member_loop(key: str, token: str, checks: bool) -> None:
             time.sleep(0.02)
 
 
-def _running(client, key: str) -> int:
-    return sum(client.run(lambda: sum(gang_module._RUNNING.get(key, {}).values())).values())
-
-
 def _wait_running(client, key: str, n: int) -> None:
     deadline = time.monotonic() + 60
-    while _running(client, key) < n:
+    while gang_members_running(client, key) < n:
         assert time.monotonic() < deadline, f"{n} member(s) did not start in 60 s"
         time.sleep(0.05)
 
@@ -107,7 +104,7 @@ def test_take_over_stops_the_members_of_an_earlier_attempt_before_returning(dask
         old = [client.submit(_member_loop, key, "attempt-1", True, workers=[w], pure=False) for w in workers]
         _wait_running(client, key, 2)
         assert take_over(client, key, "attempt-2", wait_s=60) == []
-        assert _running(client, key) == 0  # all left before take_over returned
+        assert gang_members_running(client, key) == 0  # all left before take_over returned
         for fut in old:
             with pytest.raises(Superseded, match="taken over by a newer one"):
                 fut.result(timeout=30)
@@ -136,7 +133,7 @@ def test_take_over_restarts_a_worker_whose_old_member_never_checks(dask_cluster)
         after = _worker_pids(client)
         assert before[workers[0]] == after.get(workers[0]), "a worker without old members was restarted"
         assert before[workers[1]] not in after.values(), "the stuck member's worker was not restarted"
-        assert _running(client, key) == 0
+        assert gang_members_running(client, key) == 0
 
 
 def test_a_rank_of_a_superseded_attempt_writes_nothing(digits_dataset, tmp_path):

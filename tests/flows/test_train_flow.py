@@ -13,7 +13,7 @@ import torch
 from storage import checkpoint as ckpt
 from tasks.training import TrainConfig
 from tests.conftest import ROOT, run_cli
-from tests.services import free_port
+from tests.services import free_port, gang_members_running
 
 
 def _reference_single_rank(dataset: str, epochs: int, batch: int, lr: float, seed: int):
@@ -150,7 +150,6 @@ def test_rerun_after_the_flow_process_is_killed_stops_its_orphaned_ranks_then_re
     latest checkpoint (else they would go on writing and pruning under it), resumes, completes."""
     from distributed import Client
 
-    from deployments import gang
     from flows.train import train_model
 
     ck = str(tmp_path / "ck")
@@ -169,13 +168,10 @@ def test_rerun_after_the_flow_process_is_killed_stops_its_orphaned_ranks_then_re
     os.killpg(cli.pid, signal.SIGKILL)
     cli.wait(timeout=30)
 
-    def orphans(client) -> int:
-        return sum(client.run(lambda: sum(gang._RUNNING.get(ck, {}).values())).values())
-
     with Client(dask_cluster.scheduler_address) as client:
-        assert orphans(client) == 2, "the killed flow's ranks should still be running on the workers"
+        assert gang_members_running(client, ck) == 2, "the killed flow's ranks should still be running on the workers"
         result = train_model(TrainConfig(checkpoint_dir=ck, **common))
-        assert orphans(client) == 0
+        assert gang_members_running(client, ck) == 0
     assert result.attempts == 1
     assert result.resumed_from is not None and result.epochs == 40
     assert result.val_acc >= 0.95
