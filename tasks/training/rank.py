@@ -270,6 +270,7 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
         total_steps = per_epoch * cfg.epochs
         checkpoint_url = latest
         feature, label = job.columns.feature, job.columns.label
+        key = gang_key(cfg)
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t_epoch = time.perf_counter()
@@ -279,7 +280,7 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
-                gang.check(gang_key(cfg), job.gang)
+                gang.check(key, job.gang)
                 xb, yb = batch[feature].to(device, non_blocking=True), batch[label].to(device, non_blocking=True)
                 with autocast():
                     logits = net(xb)
