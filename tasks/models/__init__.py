@@ -1,4 +1,4 @@
-"""Models: built-ins (mlp, cnn, transformer) behind a registry, or a user factory.
+"""Models: built-ins (mlp, cnn, transformer, gpt) behind a registry, or a user factory.
 
 A model is named by a spec: a built-in name or ``package.module:factory``, plus keyword
 arguments. Checkpoints store the spec, so a model can always be rebuilt exactly. A spec
@@ -31,11 +31,12 @@ def register(name: str, factory: Callable[..., Any], clobber: bool = False) -> N
 def _load_builtins() -> None:
     if REGISTRY:
         return
-    from tasks.models import cnn, mlp, transformer
+    from tasks.models import cnn, gpt, mlp, transformer
 
     register("mlp", mlp.build)
     register("cnn", cnn.build)
     register("transformer", transformer.build)
+    register("gpt", gpt.build)
 
 
 def builtin_names() -> list[str]:
@@ -95,7 +96,7 @@ def default_model(metadata: dict[str, Any]) -> str:
 
 def infer_args(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
     """Arguments a built-in takes from the dataset (shape, classes, vocabulary)."""
-    if name not in ("mlp", "cnn", "transformer"):
+    if name not in ("mlp", "cnn", "transformer", "gpt"):
         return {}
     args: dict[str, Any] = {}
     if "num_classes" in metadata:
@@ -111,7 +112,7 @@ def infer_args(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
             args["in_channels"], args["image_size"] = int(shape[0]), int(shape[1])
         elif len(shape) == 2:
             args["in_channels"], args["image_size"] = 1, int(shape[0])
-    if name == "transformer":
+    if name in ("transformer", "gpt"):
         for key in ("vocab_size", "seq_len"):
             if key in metadata:
                 args[key] = int(metadata[key])
