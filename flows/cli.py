@@ -186,10 +186,17 @@ def train(
     bucket_cap_mb: float = typer.Option(25.0, "--bucket-cap-mb", help="DDP bucket size"),
     feature_column: Optional[str] = typer.Option(None, "--feature-column"),
     label_column: Optional[str] = typer.Option(None, "--label-column"),
+    task: str = typer.Option("auto", "--task", help="auto|classify|causal-lm"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="causal-lm: tokens per training block"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step"),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm (0: off)"),
+    lr_schedule: str = typer.Option("auto", "--lr-schedule", help="auto|constant|cosine"),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear LR warmup steps"),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute activations"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
     dask_address: Optional[str] = DaskAddress,
 ) -> None:
-    """Train a model with DDP across Dask workers (checkpoints, resume, LoRA)."""
+    """Train a model with DDP across Dask workers (checkpoints, resume, LoRA; causal LMs too)."""
     from tasks.training import TrainConfig
 
     config = TrainConfig(
@@ -197,7 +204,9 @@ def train(
         batch_size=batch_size, lr=lr, precision=precision, world_size=world_size, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, init_from=init_from, seed=seed, lora_rank=lora_rank,
         lora_targets=lora_targets, grad_compression=grad_compression, bucket_cap_mb=bucket_cap_mb,
-        feature_column=feature_column, label_column=label_column,
+        feature_column=feature_column, label_column=label_column, task=task, seq_len=seq_len, grad_accum=grad_accum,
+        grad_clip=grad_clip, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+        activation_checkpointing=activation_checkpointing,
         storage_options=parse_storage_options(storage_option), dask_address=dask_address,
     )
     _prepare_runtime()
@@ -212,21 +221,36 @@ def print_train_summary(result) -> None:
     from deployments.runtime import ui_url
 
     acc = "-" if result.val_acc is None else f"{100 * result.val_acc:.2f}%"
+    if result.task == "causal-lm":
+        ppl = "-" if result.val_perplexity is None else f"{result.val_perplexity:,.2f} (loss {result.val_loss})"
+        quality = [("validation perplexity", ppl), ("train perplexity", result.train_perplexity)]
+        speed = (f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * (result.mfu or 0):.2f}% "
+                 f"(data stall {100 * result.data_stall_share:.1f}%)")
+    else:
+        quality, speed = [("validation accuracy", acc)], \
+            f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"
     print_kv(
         "trained",
         [
             ("model", f"{result.model} ({result.parameters:,} parameters) {result.model_args}"),
             ("ranks", result.world_size),
             ("epochs / steps", f"{result.epochs} / {result.steps:,}"),
-            ("validation accuracy", acc),
+            *quality,
             ("train loss", result.train_loss),
-            ("throughput", f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"),
+            ("throughput", speed),
             ("resumed from", result.resumed_from or "-"),
             ("checkpoint", result.checkpoint),
             ("time", f"{result.seconds:.1f} s"),
             ("Prefect UI", ui_url() or "-"),
         ],
     )
+    if result.samples:
+        table = Table(title="greedy continuations of validation prompts", title_justify="left")
+        table.add_column("prompt")
+        table.add_column("continuation")
+        for row in result.samples:
+            table.add_row(repr(row["prompt"]), repr(row["continuation"]))
+        out.print(table)
 
 
 @app.command()
