@@ -56,7 +56,7 @@ def local_folder(url: str, storage_options: dict | None = None) -> str:
     except (FileNotFoundError, NotADirectoryError, OSError):
         raise ConfigError(f"hf: model folder {url!r} does not exist or is not a folder") from None
     _check_files(url, names)
-    if is_local(url):
+    if is_local(fs):
         return path
     wanted = [n for n in names if n.endswith((".json", ".safetensors", ".txt", ".model"))]
     key = hashlib.sha256(json.dumps([url, sorted((n, fs.info(f"{path}/{n}").get("size")) for n in wanted)])
@@ -176,6 +176,7 @@ def build(source: str, config: dict[str, Any] | None = None, storage_options: di
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     if config is not None:
         cfg = transformers.AutoConfig.for_model(**config)
         return HFCausalLM(transformers.AutoModelForCausalLM.from_config(cfg), source)
