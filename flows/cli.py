@@ -321,6 +321,7 @@ def optimize(
     merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold the checkpoint's LoRA adapters in"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16 weights (instead of --quantize)"),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Quality gate, in accuracy points"),
+    max_perplexity_increase: float = typer.Option(0.05, "--max-perplexity-increase", help="LM gate: relative perplexity rise"),
     eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split to score (default: val, else all)"),
     feature_column: Optional[str] = typer.Option(None, "--feature-column"),
     label_column: Optional[str] = typer.Option(None, "--label-column"),
@@ -334,6 +335,7 @@ def optimize(
     config = OptimizeConfig(
         checkpoint=checkpoint, eval_dataset=eval_dataset, output=output, quantize=quantize, prune=prune,
         structured=structured, merge_lora=merge_lora, dtype=dtype, max_accuracy_drop=max_accuracy_drop,
+        max_perplexity_increase=max_perplexity_increase,
         eval_split=eval_split, feature_column=feature_column, label_column=label_column, threads=threads,
         storage_options=parse_storage_options(storage_option), dask_address=dask_address,
     )
@@ -364,6 +366,9 @@ def print_optimize_summary(result) -> None:
         "",
         [
             ("model", f"{result.model} {result.model_args}"),
+            ("perplexity gate", f"rose {100 * result.perplexity_increase:.2f}%, allowed "
+                                f"{100 * result.max_perplexity_increase:g}%: passed")
+            if result.perplexity_increase is not None else
             ("accuracy gate", f"dropped {result.accuracy_drop:.2f} points, allowed {result.max_accuracy_drop:g}: passed"),
             ("evaluated on", f"{result.eval_rows:,} rows of {result.eval_dataset} ({result.eval_split or 'all splits'}), "
                              f"timings with {result.threads} thread(s)"),

@@ -36,7 +36,7 @@ def _name(step: int) -> str:
     return f"ckpt-{step:09d}"
 
 
-def _unshared(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def unshared(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors safetensors can store, and the aliases left out.
 
     safetensors refuses tensors that share memory (tied weights: a language model's output
@@ -73,7 +73,7 @@ def write(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_optio
 
     fs, folder = url_to_fs(url, storage_options)
     folder = folder.rstrip("/")
-    stored, aliases = _unshared(tensors)
+    stored, aliases = unshared(tensors)
     data = st_save(stored)
     if fs.exists(f"{folder}/{META}"):
         fs.rm_file(f"{folder}/{META}")  # a folder written before stops being one before its tensors change

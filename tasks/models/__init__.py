@@ -58,7 +58,7 @@ def resolve_factory(name: str, from_checkpoint: bool = False) -> Callable[..., A
         return partial(hf.build, name[len("hf:"):])
     if ":" not in name:
         raise ConfigError(
-            f"unknown model {name!r}; built-ins: {', '.join(sorted(REGISTRY))}, or give a factory as MODULE:FUNCTION"
+            f"unknown model {name!r}; built-ins: {', '.join(sorted(REGISTRY))}, a transformers folder as hf:URL, or a factory as MODULE:FUNCTION"
         )
     module_name, _, attr = name.partition(":")
     if from_checkpoint and not _trusted(module_name):
