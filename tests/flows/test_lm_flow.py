@@ -3,18 +3,13 @@ artifacts, a killed rank's worker, and the CLI's bad-input errors."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
-
 import pytest
 import torch
 
 from storage import checkpoint as ckpt
 from tasks.training import TrainConfig
 from tests.conftest import run_cli
-from tests.flows.test_train_flow import _localfs, artifacts_of
+from tests.flows.test_train_flow import artifacts_of, train_with_a_rank_worker_killed
 from tests.lm_data import text_dataset
 
 TINY_GPT = {"d_model": 32, "n_layers": 2, "n_heads": 2}
@@ -88,25 +83,11 @@ def test_ddp_two_ranks_equal_one_rank_with_double_batch_and_lm_artifacts(dask_cl
 
 def test_killed_rank_worker_resumes_lm_training(dask_cluster, text, tmp_path):
     """SIGKILL one rank's Dask worker mid-training: the group is retried, resumes, completes."""
-    from distributed import Client
-
     from flows.train import train_model
 
     common = dict(dataset=text, epochs=12, world_size=2, batch_size=8, checkpoint_every=8, seed=1,
                   model_args=TINY_GPT)
-    holder = {}
-    thread = threading.Thread(target=lambda: holder.setdefault(
-        "result", train_model(TrainConfig(checkpoint_dir=str(tmp_path / "faulty"), **common))))
-    thread.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(ckpt.steps(_localfs(), str(tmp_path / "faulty"))) < 2:
-        time.sleep(0.05)
-    with Client(dask_cluster.scheduler_address) as client:
-        pids = client.run(os.getpid)
-        os.kill(pids[sorted(pids)[-1]], signal.SIGKILL)
-        thread.join(timeout=300)
-        client.wait_for_workers(2, timeout=60)
-    result = holder["result"]
+    result = train_with_a_rank_worker_killed(dask_cluster, TrainConfig(checkpoint_dir=str(tmp_path / "faulty"), **common))
     assert result.attempts >= 2 and result.resumed_from is not None
     assert result.epochs == 12
     clean = train_model(TrainConfig(checkpoint_dir=str(tmp_path / "clean"), **common))
@@ -115,7 +96,7 @@ def test_killed_rank_worker_resumes_lm_training(dask_cluster, text, tmp_path):
 
 
 def _pickle_only(folder) -> str:
-    os.makedirs(folder)
+    folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     return str(folder)
