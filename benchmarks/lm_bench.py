@@ -12,7 +12,8 @@ Compared, with the same GPT config, per-rank batch and one thread per rank:
   and 1 rank bf16-mixed: tokens/s of the last epoch (steady state; the first warms up);
 * nanoGPT's way: one process reading random blocks from a NumPy memmap of the same
   tokens, ``loss = cross_entropy(model(x), y)``, AdamW, tokens/s after 10 warm-up steps
-  over as many steps as one epoch of ours.
+  over as many steps as one epoch of ours; run before and after our runs, averaged (the
+  load of a shared machine drifts).
 
     .venv/bin/python benchmarks/lm_bench.py [--tokens 60000] [--seq-len 128] [--epochs 2]
 
@@ -124,6 +125,7 @@ def main() -> None:
     from distributed import LocalCluster
 
     from flows.train import train_model
+    from storage.dataset import Dataset
     from tasks.training import TrainConfig
 
     dataset = str(work / "python-stdlib")
@@ -144,11 +146,20 @@ def main() -> None:
                   f"stall {100 * last['data_stall_share']:5.1f}%   val ppl {last['val_ppl']:.1f}", flush=True)
             return last["tokens_per_s"], result.steps // args.epochs
 
-        one, steps = run("flow, 1 rank fp32", world_size=1)
+        steps = len(Dataset.open(dataset).read_table("train")) // args.batch_size  # one epoch of 1 rank
+
+        def plain_run(when: str) -> float:
+            plain = plain_loop(dataset, args.seq_len, meta["vocab_size"], args.batch_size, steps, 1e-3)
+            print(f"{'plain loop (memmap), ' + when:24s} {plain:10,.0f} tokens/s   ({steps} steps after 10 warm-up)",
+                  flush=True)
+            return plain
+
+        # The plain loop runs before and after the flows: on a shared machine the load drifts.
+        plain_before = plain_run("before")
+        one, _ = run("flow, 1 rank fp32", world_size=1)
         two, _ = run("flow, 2 ranks fp32", world_size=2)
         bf16, _ = run("flow, 1 rank bf16-mixed", world_size=1, precision="bf16-mixed")
-        plain = plain_loop(dataset, args.seq_len, meta["vocab_size"], args.batch_size, steps, 1e-3)
-        print(f"{'plain loop (memmap)':24s} {plain:10,.0f} tokens/s   ({steps} steps after 10 warm-up)", flush=True)
+        plain = (plain_before + plain_run("after")) / 2
         summary = {
             "lm_scaling_2_vs_1": round(two / one, 3),
             "lm_vs_plain_loop": round(one / plain, 3),

@@ -72,24 +72,32 @@ def targets_and_mask(tokens: torch.Tensor, eot_id: int | None, pad_id: int | Non
     return inputs, targets, keep
 
 
+IGNORE = -100  # cross_entropy's ignore_index: a position without a loss term
+
+
 def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor):
     """Sum of the kept positions' cross-entropy (fp32) and how many were kept, as tensors."""
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
-                             reduction="none")
-    keep = keep.reshape(-1)
-    return (losses * keep).sum(), keep.sum()
+    targets = targets.long().masked_fill(~keep, IGNORE)
+    return _loss_sum(logits, targets)
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor):
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                            reduction="sum")
+    return total, (targets != IGNORE).sum()
 
 
 def lm_forward(net, tokens: torch.Tensor, spec: LMSpec):
     """Logits for every position of the training blocks and the loss terms: ``(sum, count)``.
 
     The whole block goes through the model (so positions see exactly the context they
-    would in generation); the last position's logits are not used.
+    would in generation). Targets are laid out like the logits, the last position's
+    ignored, so the logits are never sliced or copied.
     """
     tokens = blocks(tokens, spec.seq_len).long()
     _, targets, keep = targets_and_mask(tokens, spec.eot_id, spec.pad_id)
-    logits = net(tokens)[:, :-1]
-    return masked_loss_sum(logits, targets, keep)
+    targets = torch.cat([targets.masked_fill(~keep, IGNORE), torch.full_like(targets[:, :1], IGNORE)], dim=1)
+    return _loss_sum(net(tokens), targets)
 
 
 def step_loss(loss_sum: torch.Tensor, count: torch.Tensor, world_size: int) -> torch.Tensor:
