@@ -26,7 +26,7 @@ from tasks.generation.block_pool import BlockPool
 from tasks.generation.params import Request
 
 
-@dataclass
+@dataclass(eq=False)   # identity, not field-by-field: sequences are found in lists by `in`
 class Sequence:
     request: Request
     generator: torch.Generator | None
