@@ -92,17 +92,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
 
     Writes k/v to the cache first, so a chunk attends to itself causally and to everything
     its sequence cached before. Grouped-query attention: each key/value head serves
-    ``Hq // Hkv`` consecutive query heads, as in transformers' ``repeat_kv``."""
+    ``Hq // Hkv`` consecutive query heads (SDPA's ``enable_gqa``, as transformers' ``repeat_kv``)."""
     cache.k[layer].index_copy_(0, layout.slots, k)
     cache.v[layer].index_copy_(0, layout.slots, v)
     b = layout.kv_slots.shape[0]
     keys = cache.k[layer][layout.kv_slots].transpose(1, 2)      # (B, Hkv, L, D)
     values = cache.v[layer][layout.kv_slots].transpose(1, 2)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
     queries = q.new_zeros((b, layout.q_len, q.shape[1], q.shape[2]))
     queries[layout.seq_ids, layout.offsets] = q
-    y = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=layout.mask, scale=scale)
+    y = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=layout.mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
     return y.transpose(1, 2)[layout.seq_ids, layout.offsets]
