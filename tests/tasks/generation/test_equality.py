@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from tasks.generation import Engine, Request, SamplingParams, runner_for_model
 from tests.tasks.generation.conftest import random_prompt, reference_greedy
@@ -52,3 +53,18 @@ def test_chunked_prefill_keeps_decoders_running(model):
     assert [len(h.tokens) for h in short] == [b + steps for b in before]
     engine.run_until_done()
     assert long.result().tokens == reference_greedy(model, long_prompt, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cached_greedy_on_cuda_equals_full_recompute(model):
+    model = model.to("cuda")
+    rng = random.Random(2)
+    prompts = [random_prompt(rng, 1, 40) for _ in range(4)]
+    engine = Engine(runner_for_model(model), pool_tokens=512, block_size=8, max_tokens_per_step=16)
+    assert engine.cache.k.is_cuda
+    handles = [engine.submit(Request(p, SamplingParams(max_new_tokens=16))) for p in prompts]
+    engine.run_until_done()
+    model = model.to("cpu")
+    for prompt, handle in zip(prompts, handles):
+        assert handle.result().tokens == reference_greedy(model, prompt, 16)
