@@ -39,6 +39,9 @@ class Engine:
                             ("max_tokens_per_step", max_tokens_per_step)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_tokens_per_step < max_batch:
+            raise ConfigError(f"max_tokens_per_step ({max_tokens_per_step}) must be at least max_batch ({max_batch}): "
+                              f"every running sequence must be able to decode a token at every step")
         if pool_bytes is not None:
             if pool_tokens is not None:
                 raise ConfigError("give the KV pool's size as pool_tokens or pool_bytes, not both")

@@ -3,9 +3,9 @@ their tokens (vLLM v1's ``scheduler.py`` in miniature).
 
 Every sequence is the same thing at every step: tokens whose keys/values are cached, and
 tokens still to compute (the prompt at first, then the one token sampled last step). A step
-has a token budget: running sequences go first, in the order they were admitted (a decoding
-one takes one token, one still prefilling takes what is left of the budget, so a long prompt
-is prefilled in chunks across steps and never stalls the decoders), then waiting sequences
+has a token budget: running sequences go first — the decoding ones (one token each), then
+those still prefilling (what is left of the budget, so a long prompt is prefilled in chunks
+across steps and never stalls the decoders) — then waiting sequences
 are admitted while the batch has room and the pool has the blocks for their whole prompt —
 admission is a question asked of the pool. A running sequence that needs a new block when
 none is free preempts the most recently admitted one: its blocks go back to the pool and it
@@ -89,23 +89,28 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_tokens_per_step
         chunks: list[ScheduledChunk] = []
+        scheduled: set[int] = set()
         preempted = False
-        for seq in list(self.running):
+        # decoders first (one token each), then prefills, each group in admission order: a long
+        # prefill never holds back a decoding sequence, whenever either was admitted
+        for seq in sorted(self.running, key=lambda s: s.to_compute > 1):
             if budget == 0:
                 break
             if seq not in self.running:     # preempted by an earlier sequence this step
                 continue
             count = min(seq.to_compute, budget)
             need = self.pool.blocks_for(seq.num_cached + count) - len(seq.blocks)
-            while need > self.pool.num_free and self.running[-1] is not seq:
-                self._preempt(self.running[-1])
+            while need > self.pool.num_free:
+                victim = next((v for v in reversed(self.running) if v is not seq and id(v) not in scheduled), seq)
+                self._preempt(victim)
                 preempted = True
-            if need > self.pool.num_free:
-                self._preempt(seq)
-                preempted = True
+                if victim is seq:
+                    break
+            if seq not in self.running:
                 continue
             seq.blocks += self.pool.allocate(max(need, 0))
             chunks.append(ScheduledChunk(seq, seq.num_cached, count))
+            scheduled.add(id(seq))
             budget -= count
         while self.waiting and budget > 0 and len(self.running) < self.max_batch and not preempted:
             seq = self.waiting[0]

@@ -41,6 +41,16 @@ def tiny_gpt2():
 MODELS = {"gpt": tiny_gpt, "llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a loaded 2-core machine two
+    spinning threads made these tests ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request):
     return MODELS[request.param]()

@@ -17,11 +17,11 @@ def _workload(sampled: bool) -> list[Request]:
     requests = []
     for i in range(64):
         if sampled:
-            params = SamplingParams(max_new_tokens=rng.randint(1, 24), temperature=rng.choice([0.7, 1.0, 1.5]),
+            params = SamplingParams(max_new_tokens=rng.randint(1, 16), temperature=rng.choice([0.7, 1.0, 1.5]),
                                     top_k=rng.choice([0, 5, 20]), top_p=rng.choice([1.0, 0.9, 0.5]), seed=i)
         else:
-            params = SamplingParams(max_new_tokens=rng.randint(1, 24))
-        requests.append(Request(random_prompt(rng, 1, 30), params))
+            params = SamplingParams(max_new_tokens=rng.randint(1, 16))
+        requests.append(Request(random_prompt(rng, 1, 24), params))
     return requests
 
 

@@ -60,6 +60,8 @@ def test_bad_engine_settings(gpt):
         Engine(runner, block_size=0)
     with pytest.raises(ConfigError, match="holds no block of 16 tokens"):
         Engine(runner, pool_tokens=8)
+    with pytest.raises(ConfigError, match=r"max_tokens_per_step \(8\) must be at least max_batch \(16\)"):
+        Engine(runner, max_batch=16, max_tokens_per_step=8)
     with pytest.raises(ConfigError, match="not both"):
         Engine(runner, pool_tokens=64, pool_bytes=10_000)
 
