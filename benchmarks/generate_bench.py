@@ -14,7 +14,8 @@ sequence would end it.
 - static: ``model.generate()`` (greedy, its own KV cache) over left-padded batches of
   ``--clients`` requests in arrival order; a batch runs until its longest request's length
   and only each request's own tokens count (the rest is padding work a static batch pays).
-- sequential: ``model.generate()`` one request at a time, each to its own length.
+- sequential: ``model.generate()`` one request at a time, each to its own length (the first
+  ``--sequential-requests`` (16) of them: its rate does not depend on how many).
 - transformers' continuous batching: ``model.generate_batch`` (paged attention) on the first
   ``--hf-cb-requests`` requests cut to 16 new tokens (it is far too slow on CPU for the
   whole workload); its tokens/s is compared with ours on the full workload.
@@ -35,7 +36,8 @@ ratios. Each mode is warmed up once before it is timed.
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generate_bench.py \
         [--requests 64] [--clients 32] [--offline-prompts 1000] [--kv-budget 4096]
 
-Prints ratios; the last line is one JSON object with ``online_vs_static``,
+Every figure is given per wall second and per CPU second of this process; ratios ``*_cpu``
+use the latter. Prints ratios; the last line is one JSON object with ``online_vs_static``,
 ``online_vs_sequential``, ``online_vs_hf_continuous``, ``ttft_p99_over_p50``,
 ``offline_vs_static`` and ``kv_admitted_vs_contiguous`` (and the raw figures).
 """
@@ -55,6 +57,23 @@ from tasks.generation import Engine, Request, SamplingParams, runner_for_model
 from tasks.generation.metrics import percentile
 
 MAX_NEW = 256
+
+
+class Timer:
+    """Wall and process CPU time of a block (CPU time moves far less than wall time when
+    other jobs share the machine)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def rates(tokens: int, timer: Timer, **extra) -> dict:
+    return {"tokens": tokens, "wall_s": round(timer.wall, 2), "cpu_s": round(timer.cpu, 2),
+            "tokens_per_s": tokens / timer.wall, "tokens_per_cpu_s": tokens / max(timer.cpu, 1e-9), **extra}
 
 
 def build_model(args):
@@ -92,34 +111,32 @@ def ours_online(model, work, args) -> dict:
                 i, (prompt, n) = todo.pop(0)
             results[i] = engine.submit(Request(prompt, SamplingParams(max_new_tokens=n))).result()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    with Timer() as timer:
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     engine.stop()
     tokens = sum(len(r.tokens) for r in results.values())
     ttft = [r.ttft_s for r in results.values()]
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "peak_kv_blocks": engine.pool.peak_used}
+    return rates(tokens, timer, ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
+                 peak_kv_blocks=engine.pool.peak_used)
 
 
 @torch.no_grad()
 def hf_static(model, work, batch: int) -> dict:
-    t0, tokens = time.perf_counter(), 0
-    for start in range(0, len(work), batch):
-        group = work[start:start + batch]
-        width = max(len(p) for p, _ in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(n for _, n in group),
-                       do_sample=False, pad_token_id=0, eos_token_id=None)
-        tokens += sum(n for _, n in group)
-    wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    tokens = 0
+    with Timer() as timer:
+        for start in range(0, len(work), batch):
+            group = work[start:start + batch]
+            width = max(len(p) for p, _ in group)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(n for _, n in group),
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+            tokens += sum(n for _, n in group)
+    return rates(tokens, timer)
 
 
 def hf_continuous(model, work, args) -> dict:
@@ -127,20 +144,16 @@ def hf_continuous(model, work, args) -> dict:
 
     prompts = [p for p, _ in work[:args.hf_cb_requests]]
     config = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    t0 = time.perf_counter()
-    out = model.generate_batch(inputs=prompts, generation_config=config)
-    wall = time.perf_counter() - t0
-    tokens = sum(len(v.generated_tokens) for v in out.values())
-    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    with Timer() as timer:
+        out = model.generate_batch(inputs=prompts, generation_config=config)
+    return rates(sum(len(v.generated_tokens) for v in out.values()), timer, requests=len(prompts))
 
 
 def ours_offline(model, work, args) -> dict:
     engine = engine_for(model, args)
-    t0 = time.perf_counter()
-    results = engine.generate(Request(p, SamplingParams(max_new_tokens=n)) for p, n in work)
-    wall = time.perf_counter() - t0
-    tokens = sum(len(r.tokens) for r in results)
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    with Timer() as timer:
+        results = engine.generate(Request(p, SamplingParams(max_new_tokens=n)) for p, n in work)
+    return rates(sum(len(r.tokens) for r in results), timer)
 
 
 def kv_admission(model, work, args) -> dict:
@@ -171,13 +184,16 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=MAX_NEW)
     parser.add_argument("--kv-budget", type=int, default=4096)
     parser.add_argument("--hf-cb-requests", type=int, default=2)
-    parser.add_argument("--step-tokens", type=int, default=256)
+    parser.add_argument("--step-tokens", type=int, default=1024,
+                        help="max_tokens_per_step: the prefill budget of a step (a burst of 32 prompts in ~2 steps)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: sequential,hf_cb,offline")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sequential-requests", type=int, default=16,
+                        help="one-at-a-time runs only the first N requests (its tokens/s does not depend on N)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
@@ -195,7 +211,7 @@ def main() -> None:
     figures["static"] = hf_static(model, work, args.clients)
     print("generate() static batches:", figures["static"], flush=True)
     if "sequential" not in skip:
-        figures["sequential"] = hf_static(model, work, 1)
+        figures["sequential"] = hf_static(model, work[:args.sequential_requests], 1)
         print("generate() one at a time:", figures["sequential"], flush=True)
     if "hf_cb" not in skip:
         figures["hf_continuous"] = hf_continuous(model, work, args)
@@ -209,9 +225,8 @@ def main() -> None:
     figures["kv"] = kv_admission(model, work, args)
     print("kv admission:", figures["kv"], flush=True)
 
-    def ratio(a, b):
-        return round(figures[a]["tokens_per_s"] / figures[b]["tokens_per_s"], 2) if a in figures and b in figures \
-            else None
+    def ratio(a, b, key="tokens_per_s"):
+        return round(figures[a][key] / figures[b][key], 2) if a in figures and b in figures else None
 
     on = figures["online_ours"]
     summary = {
@@ -221,13 +236,16 @@ def main() -> None:
         "ttft_p99_over_p50": round(on["ttft_p99_s"] / on["ttft_p50_s"], 2),
         "offline_vs_static": ratio("offline_ours", "offline_static"),
         "kv_admitted_vs_contiguous": round(figures["kv"]["ours_running_mean"] / max(1, figures["kv"]["contiguous_admits"]), 2),
+        "online_vs_static_cpu": ratio("online_ours", "static", "tokens_per_cpu_s"),
+        "online_vs_sequential_cpu": ratio("online_ours", "sequential", "tokens_per_cpu_s"),
+        "offline_vs_static_cpu": ratio("offline_ours", "offline_static", "tokens_per_cpu_s"),
         "online_tokens_per_s": round(on["tokens_per_s"], 1),
         "ttft_p50_s": round(on["ttft_p50_s"], 3),
         "ttft_p99_s": round(on["ttft_p99_s"], 3),
         "requests": args.requests, "clients": args.clients, "offline_prompts": args.offline_prompts,
     }
     for key, value in summary.items():
-        if key.endswith(("_static", "_sequential", "_continuous", "_contiguous", "_p50")):
+        if key.endswith(("_static", "_sequential", "_continuous", "_contiguous", "_p50", "_cpu")):
             print(f"{key}: {value}")
     print(json.dumps(summary))
 
