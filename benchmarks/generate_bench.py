@@ -228,14 +228,14 @@ def main() -> None:
     def ratio(a, b, key="tokens_per_s"):
         return round(figures[a][key] / figures[b][key], 2) if a in figures and b in figures else None
 
-    on = figures["online_ours"]
+    on, kv = figures["online_ours"], figures["kv"]
     summary = {
         "online_vs_static": ratio("online_ours", "static"),
         "online_vs_sequential": ratio("online_ours", "sequential"),
         "online_vs_hf_continuous": ratio("online_ours", "hf_continuous"),
         "ttft_p99_over_p50": round(on["ttft_p99_s"] / on["ttft_p50_s"], 2),
         "offline_vs_static": ratio("offline_ours", "offline_static"),
-        "kv_admitted_vs_contiguous": round(figures["kv"]["ours_running_mean"] / max(1, figures["kv"]["contiguous_admits"]), 2),
+        "kv_admitted_vs_contiguous": round(kv["ours_running_mean"] / max(1, kv["contiguous_admits"]), 2),
         "online_vs_static_cpu": ratio("online_ours", "static", "tokens_per_cpu_s"),
         "online_vs_sequential_cpu": ratio("online_ours", "sequential", "tokens_per_cpu_s"),
         "offline_vs_static_cpu": ratio("offline_ours", "offline_static", "tokens_per_cpu_s"),

@@ -165,12 +165,17 @@ class Engine:
         """Offline: run every request, keeping the queue full; results in the order given."""
         pending = iter(requests)
         handles: list[RequestHandle] = []
-        nxt = next(pending, None)
-        while nxt is not None or self.has_work:
-            while nxt is not None and self.scheduler.has_room():
-                handles.append(self.submit(nxt))
-                nxt = next(pending, None)
-            self.step()
+        try:
+            nxt = next(pending, None)
+            while nxt is not None or self.has_work:
+                while nxt is not None and self.scheduler.has_room():
+                    handles.append(self.submit(nxt))
+                    nxt = next(pending, None)
+                self.step()
+        except BaseException:   # a bad request (or an interrupt) stops the whole run, leaving nothing queued
+            for handle in handles:
+                self.cancel(handle.request_id)
+            raise
         return [h.result() for h in handles]
 
     # --- background loop ----------------------------------------------------------------------

@@ -8,6 +8,8 @@ import random
 
 import pytest
 
+from storage.errors import ConfigError
+
 from tasks.generation import Engine, Request, SamplingParams, runner_for_model
 from tests.tasks.generation.conftest import alone, random_prompt
 
@@ -60,3 +62,7 @@ def test_offline_generate_keeps_order_and_queue_bound():
     results = engine.generate(requests)
     assert [r.request_id for r in results] == [q.request_id for q in requests]
     assert results[5].tokens == alone(model, requests[5].prompt, requests[5].params)
+    bad = [Request([1, 2], SamplingParams(max_new_tokens=8)) for _ in range(5)] + [Request([], SamplingParams())]
+    with pytest.raises(ConfigError, match="the prompt is empty"):
+        engine.generate(bad)
+    assert not engine.has_work and engine.pool.num_used == 0
