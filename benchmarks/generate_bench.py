@@ -36,7 +36,8 @@ ratios. Each mode is warmed up once before it is timed.
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generate_bench.py \
         [--requests 64] [--clients 32] [--offline-prompts 1000] [--kv-budget 4096]
 
-Every figure is given per wall second and per CPU second of this process; ratios ``*_cpu``
+Writes benchmarks/generate_bench.png (tokens/s of every mode; the online run's batch
+occupancy over time). Every figure is given per wall second and per CPU second of this process; ratios ``*_cpu``
 use the latter. Prints ratios; the last line is one JSON object with ``online_vs_static``,
 ``online_vs_sequential``, ``online_vs_hf_continuous``, ``ttft_p99_over_p50``,
 ``offline_vs_static`` and ``kv_admitted_vs_contiguous`` (and the raw figures).
@@ -121,7 +122,7 @@ def ours_online(model, work, args) -> dict:
     tokens = sum(len(r.tokens) for r in results.values())
     ttft = [r.ttft_s for r in results.values()]
     return rates(tokens, timer, ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
-                 peak_kv_blocks=engine.pool.peak_used)
+                 peak_kv_blocks=engine.pool.peak_used, occupancy=list(engine.metrics.occupancy))
 
 
 @torch.no_grad()
@@ -175,6 +176,36 @@ def kv_admission(model, work, args) -> dict:
             "ours_running_max": max(bound, default=len(work)), "preemptions": engine.scheduler.preemptions}
 
 
+def plot(figures: dict, path: str) -> None:
+    """Output tokens/s of each mode (per wall and per CPU second), and the online run's batch
+    occupancy over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [(k, label) for k, label in (("online_ours", "ours (online)"), ("static", "generate() static"),
+                                         ("sequential", "generate() 1 at a time"),
+                                         ("hf_continuous", "generate_batch"), ("offline_ours", "ours (offline)"),
+                                         ("offline_static", "generate() static\n(offline)")) if k in figures]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    x = range(len(modes))
+    left.bar([i - 0.2 for i in x], [figures[k]["tokens_per_s"] for k, _ in modes], 0.4, label="per wall second")
+    left.bar([i + 0.2 for i in x], [figures[k]["tokens_per_cpu_s"] for k, _ in modes], 0.4, label="per CPU second")
+    left.set_xticks(list(x), [label for _, label in modes], rotation=20, fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("output tokens/s")
+    left.legend()
+    occ = figures["online_ours"]["occupancy"]
+    right.plot([t - occ[0][0] for t, _, _ in occ], [r for _, r, _ in occ])
+    right.set_xlabel("seconds")
+    right.set_ylabel("running sequences")
+    on = figures["online_ours"]
+    right.set_title(f"ours, online: TTFT p50 {on['ttft_p50_s'] * 1000:.0f} ms, p99 {on['ttft_p99_s'] * 1000:.0f} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -192,6 +223,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: sequential,hf_cb,offline")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", default="benchmarks/generate_bench.png")
     parser.add_argument("--sequential-requests", type=int, default=16,
                         help="one-at-a-time runs only the first N requests (its tokens/s does not depend on N)")
     args = parser.parse_args()
@@ -207,7 +239,7 @@ def main() -> None:
     ours_online(model, [(p, 8) for p, _ in warm], args)
     hf_static(model, [(p, 8) for p, _ in warm], len(warm))
     figures["online_ours"] = ours_online(model, work, args)
-    print("online ours:", figures["online_ours"], flush=True)
+    print("online ours:", {k: v for k, v in figures["online_ours"].items() if k != "occupancy"}, flush=True)
     figures["static"] = hf_static(model, work, args.clients)
     print("generate() static batches:", figures["static"], flush=True)
     if "sequential" not in skip:
@@ -244,6 +276,8 @@ def main() -> None:
         "ttft_p99_s": round(on["ttft_p99_s"], 3),
         "requests": args.requests, "clients": args.clients, "offline_prompts": args.offline_prompts,
     }
+    plot(figures, args.plot)
+    print(f"plot: {args.plot}")
     for key, value in summary.items():
         if key.endswith(("_static", "_sequential", "_continuous", "_contiguous", "_p50", "_cpu")):
             print(f"{key}: {value}")
