@@ -40,14 +40,28 @@ def runner_for_model(model, tokenizer=None, eot_id: int | None = None, source: s
         from tasks.generation.runners.gpt import GPTRunner
 
         return GPTRunner(model, eos_token_ids=() if eot_id is None else (int(eot_id),), tokenizer=tokenizer)
-    if hasattr(model, "config") and hasattr(model.config, "model_type"):
+    hf_model = _find_hf_causal_lm(model)
+    if hf_model is not None:
         from tasks.generation.runners.hf import runner_for_hf
 
-        return runner_for_hf(model, tokenizer)
+        runner = runner_for_hf(hf_model, tokenizer)
+        if eot_id is not None and int(eot_id) not in runner.eos_token_ids:
+            runner.eos_token_ids = (*runner.eos_token_ids, int(eot_id))
+        return runner
     raise ConfigError(
         f"{source} is a {type(model).__name__}, not a language model: generation needs the built-in 'gpt' "
         f"or an hf: causal LM (Llama or GPT-2 family)"
     )
+
+
+def _find_hf_causal_lm(model):
+    """The transformers model itself, or the one a training wrapper holds (an LM checkpoint of
+    an ``hf:`` model may rebuild as a module around it)."""
+    for module in model.modules() if hasattr(model, "modules") else ():
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None) and hasattr(module, "get_output_embeddings"):
+            return module
+    return None
 
 
 def _load_hf(folder: str) -> ModelRunner:

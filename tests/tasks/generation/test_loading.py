@@ -75,3 +75,17 @@ def test_classifier_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not a language model"):
         load_runner(str(tmp_path))
     assert torch.is_grad_enabled()
+
+
+def test_a_wrapped_hf_model_gets_its_runner():
+    """An LM checkpoint of an hf: model may rebuild as a training wrapper around it."""
+    from tasks.generation import runner_for_model
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    model = tiny_llama()
+    runner = runner_for_model(Wrapper(model), eot_id=5)
+    assert isinstance(runner, LlamaRunner) and runner.model is model and 5 in runner.eos_token_ids
