@@ -57,11 +57,11 @@ def runner_for_model(model, tokenizer=None, eot_id: int | None = None, source: s
 def _find_hf_causal_lm(model):
     """The transformers model itself, or the one a training wrapper holds (an LM checkpoint of
     an ``hf:`` model may rebuild as a module around it)."""
-    for module in model.modules() if hasattr(model, "modules") else ():
-        config = getattr(module, "config", None)
-        if getattr(config, "model_type", None) and hasattr(module, "get_output_embeddings"):
-            return module
-    return None
+    if not hasattr(model, "modules"):
+        return None
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
 def _load_hf(folder: str) -> ModelRunner:
