@@ -53,6 +53,11 @@ class BatchLayout:
     last: torch.Tensor          # (B,) packed index of each sequence's last new token
     q_len: int                  # Q: the longest chunk
 
+    def __post_init__(self):
+        # flat forms for index_select/index_copy_, ~7x faster on CPU than advanced indexing
+        self.kv_flat = self.kv_slots.flatten()
+        self.q_flat = self.seq_ids * self.q_len + self.offsets
+
     @classmethod
     def build(cls, chunks: list[tuple[list[int], int, int]], block_size: int, device="cpu") -> "BatchLayout":
         """``chunks``: per sequence (block table, tokens already cached, new tokens)."""
@@ -95,11 +100,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     ``Hq // Hkv`` consecutive query heads (SDPA's ``enable_gqa``, as transformers' ``repeat_kv``)."""
     cache.k[layer].index_copy_(0, layout.slots, k)
     cache.v[layer].index_copy_(0, layout.slots, v)
-    b = layout.kv_slots.shape[0]
-    keys = cache.k[layer][layout.kv_slots].transpose(1, 2)      # (B, Hkv, L, D)
-    values = cache.v[layer][layout.kv_slots].transpose(1, 2)
-    queries = q.new_zeros((b, layout.q_len, q.shape[1], q.shape[2]))
-    queries[layout.seq_ids, layout.offsets] = q
-    y = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=layout.mask, scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    return y.transpose(1, 2)[layout.seq_ids, layout.offsets]
+    b, length = layout.kv_slots.shape
+    hkv, d = k.shape[1], k.shape[2]
+    keys = cache.k[layer].index_select(0, layout.kv_flat).view(b, length, hkv, d).transpose(1, 2)   # (B, Hkv, L, D)
+    values = cache.v[layer].index_select(0, layout.kv_flat).view(b, length, hkv, d).transpose(1, 2)
+    queries = q.new_zeros((b * layout.q_len, q.shape[1], d)).index_copy_(0, layout.q_flat, q)
+    queries = queries.view(b, layout.q_len, q.shape[1], d).transpose(1, 2)
+    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask, scale=scale,
+                                       enable_gqa=q.shape[1] != hkv)
+    return y.transpose(1, 2).reshape(b * layout.q_len, q.shape[1], d).index_select(0, layout.q_flat)
