@@ -61,32 +61,29 @@ class BatchLayout:
     @classmethod
     def build(cls, chunks: list[tuple[list[int], int, int]], block_size: int, device="cpu") -> "BatchLayout":
         """``chunks``: per sequence (block table, tokens already cached, new tokens)."""
-        positions, slots, seq_ids, offsets, kv_rows, last = [], [], [], [], [], []
-        q_len = max(n for _, _, n in chunks)
-        total_max = max(start + n for _, start, n in chunks)
-        for i, (table, start, n) in enumerate(chunks):
-            table_t = torch.tensor(table, dtype=torch.long)
-            seq_slots = (table_t[:, None] * block_size + torch.arange(block_size)).flatten()
-            total = start + n
-            kv_rows.append(F.pad(seq_slots[:total], (0, total_max - total)))
-            positions.append(torch.arange(start, total))
-            slots.append(seq_slots[start:total])
-            seq_ids.append(torch.full((n,), i, dtype=torch.long))
-            offsets.append(torch.arange(n))
-            last.append((last[-1] if last else -1) + n)
-        starts = torch.tensor([s for _, s, _ in chunks])
-        totals = torch.tensor([s + n for _, s, n in chunks])
+        width = max(len(table) for table, _, _ in chunks)
+        tables = torch.tensor([table + [0] * (width - len(table)) for table, _, _ in chunks], dtype=torch.long)
+        starts = torch.tensor([start for _, start, _ in chunks], dtype=torch.long)
+        counts = torch.tensor([n for _, _, n in chunks], dtype=torch.long)
+        totals = starts + counts
+        q_len, total_max = int(counts.max()), int(totals.max())
         key_pos = torch.arange(total_max)
-        q_pos = starts[:, None] + torch.arange(q_len)                        # (B, Q)
+        kv_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size      # (B, L)
+        kv_slots = kv_slots.masked_fill(key_pos >= totals[:, None], 0)
+        seq_ids = torch.repeat_interleave(torch.arange(len(chunks)), counts)
+        ends = counts.cumsum(0)
+        offsets = torch.arange(int(ends[-1])) - (ends - counts)[seq_ids]
+        positions = starts[seq_ids] + offsets
+        q_pos = starts[:, None] + torch.arange(q_len)                                      # (B, Q)
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < totals[:, None, None])
         return cls(
-            positions=torch.cat(positions).to(device),
-            slots=torch.cat(slots).to(device),
-            seq_ids=torch.cat(seq_ids).to(device),
-            offsets=torch.cat(offsets).to(device),
-            kv_slots=torch.stack(kv_rows).to(device),
+            positions=positions.to(device),
+            slots=kv_slots[seq_ids, positions].to(device),
+            seq_ids=seq_ids.to(device),
+            offsets=offsets.to(device),
+            kv_slots=kv_slots.to(device),
             mask=mask[:, None].to(device),
-            last=torch.tensor(last, dtype=torch.long, device=device),
+            last=(ends - 1).to(device),
             q_len=q_len,
         )
 
