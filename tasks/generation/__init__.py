@@ -22,8 +22,8 @@ torch 2.13 CPU and gives the same greedy tokens, but measured on this machine a 
 (2 layers, d=64) took 24.1 s for two prompts of 16 new tokens, against 0.04 s for plain
 ``generate()`` (in benchmarks/generate_bench.py: 16–130 s for 32 tokens, mostly system time
 in its manager thread), and its cache belongs to its own manager, so our scheduler could not
-drive admission, preemption or chunking with it. Per-step joins do work in it, but at that
-speed it cannot serve. The attention over the cache is ~40 lines around
+drive admission, preemption or chunking with it. (Joining requests mid-run through its
+``ContinuousBatchingManager`` was not tried: at that speed it could not serve anyway.) The attention over the cache is ~40 lines around
 ``scaled_dot_product_attention``; the models' own modules (embeddings, norms, projections,
 MLPs, rotary embedding) are reused as they are.
 
