@@ -49,12 +49,11 @@ from benchmarks import serve_bench  # noqa: E402 - after the path is set
 
 
 def stage_images(work: Path, rows: int, shard_size: str) -> str:
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
 
     dataset = str(work / "images")
-    plan = plan_stage(StageConfig(source=f"synthetic-image?rows={rows}&size=8&channels=1", dest=dataset,
-                                  shard_size=shard_size))
-    commit(plan, [write_group(g) for g in group_tasks(plan, 1)], 1.0)
+    stage_here(StageConfig(source=f"synthetic-image?rows={rows}&size=8&channels=1", dest=dataset,
+                           shard_size=shard_size), groups=1)
     return dataset
 
 

@@ -46,14 +46,13 @@ def train_model(work: Path, hidden: list[int]) -> tuple[str, np.ndarray, np.ndar
 
     from tasks.inference.inputs import InputSpec
     from tasks.models.loading import load_model
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
     from tasks.training import TrainConfig, prepare_training
     from tasks.training.data import load_split
     from tasks.training.rank import RankJob, train_rank
 
     dataset = str(work / "digits")
-    plan = plan_stage(StageConfig(source="digits", dest=dataset, val_fraction=0.2))
-    commit(plan, [write_group(g) for g in group_tasks(plan, 1)], 1.0)
+    stage_here(StageConfig(source="digits", dest=dataset, val_fraction=0.2), groups=1)
     cfg = TrainConfig(dataset=dataset, model="mlp", model_args={"hidden": hidden}, epochs=1,
                       checkpoint_dir=str(work / "ck"))
     tp = prepare_training(cfg)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.staging import check_storage_options
+from tasks.storage_access import check_storage_options
 
 
 class ServeConfig(BaseModel):

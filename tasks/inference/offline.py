@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import checkpoint as ckpt, codecs, manifest as manifest_mod
+from storage.cleanup import remove_unreferenced
 from storage.dataset import Dataset
 from storage.errors import ConfigError, ManifestError
 from storage.manifest import Manifest, ShardEntry
@@ -45,7 +46,8 @@ from tasks.inference.prediction_shards import (
     schema_of,
     write_predictions,
 )
-from tasks.staging import StorageAccess, remove_unreferenced, retry_unless_user_error
+from tasks.retries import retry_unless_user_error
+from tasks.storage_access import StorageAccess
 from tasks.training.data import Columns
 
 # Offline only throughput counts: two sizes in a row may fail to beat the current one before

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.staging import StorageAccess
+from tasks.storage_access import StorageAccess
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 
