@@ -18,13 +18,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage import codecs, layout, manifest as manifest_mod, sources
 from storage.cleanup import remove_unreferenced
@@ -34,36 +34,24 @@ from storage.shard_writer import ShardSpec, write_shard
 from storage.sources import SourceUnit
 from storage.urls import url_to_fs
 from tasks import datasets
+from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
 from tasks.retries import retry_unless_user_error
 from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
+
 
 class StageOptions(BaseModel):
     """How to stage: format, compression, shard size and split (shared with the lifecycle flow)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["auto", "parquet", "csv", "jsonl", "npy"] = Field("auto", description="Source file format")
-    codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Shard compression codec")
+    format: SourceFormat = Field("auto", description="Source file format")
+    codec: Codec = Field("zstd", description="Shard compression codec")
     level: int | None = Field(None, description="Codec level (zstd 1..22, lz4 1..12); empty for the default")
-    shard_size: ByteSize = Field(ByteSize(64_000_000), description="Target decoded bytes per shard, e.g. 64MB")
-    shard_format: Literal["arrow", "parquet"] = Field("arrow", description="Shard file format")
+    shard_size: byte_size("shard size") = Field(
+        "64MB", validate_default=True, description="Target decoded bytes per shard (e.g. 64MB, 1GiB)")
+    shard_format: ShardFormat = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
     seed: int = Field(0, ge=0, description="Seed of the train/val split")
-
-    @field_validator("shard_size", mode="before")
-    @classmethod
-    def _positive_size(cls, value: Any) -> Any:
-        text = str(value).strip()
-        if text.startswith("-") or (isinstance(value, (int, float)) and value <= 0) or text in ("0", "0B"):
-            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value!r})")
-        return value
-
-    @field_validator("shard_size")
-    @classmethod
-    def _nonzero_size(cls, value: ByteSize) -> ByteSize:
-        if value <= 0:
-            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value})")
-        return value
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> "StageOptions":

@@ -40,7 +40,8 @@ class StorageAccess(BaseModel):
     storage_options: StorageOptions = Field(
         default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
     )
-    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler (default: a local cluster)")
 
     @model_validator(mode="after")
     def _no_credentials_in_urls(self) -> "StorageAccess":
