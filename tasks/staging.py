@@ -13,6 +13,8 @@ the ones already stored. Tasks are cut at unit boundaries, so each unit is read 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import time
@@ -36,6 +38,7 @@ from storage.urls import url_to_fs
 from tasks import datasets
 from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
 from tasks.retries import retry_unless_user_error
+from tasks.step_status import StepStatus
 from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
 
 
@@ -83,6 +86,7 @@ class StagePlan:
     metadata: dict[str, Any]
     source: dict[str, Any]
     previous: Manifest | None
+    key: str = ""  # content hash of the source listing, the options and the destination
     up_to_date: bool = False
 
     @property
@@ -174,8 +178,6 @@ def _metadata_from_schema(schema: pa.Schema) -> dict[str, Any]:
             meta["feature"] = others[0].name
             shape = (others[0].metadata or {}).get(sources.SHAPE_KEY)
             if shape:
-                import json
-
                 meta["shape"] = json.loads(shape)
     return meta
 
@@ -202,34 +204,11 @@ def plan_stage(config: StageConfig) -> StagePlan:
     options = config.model_dump(include=set(StageOptions.model_fields))
     source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "shards": len(bounds) - 1}
     previous = manifest_mod.read_if_exists(fs, root)
-    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous)
+    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
+    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous,
+                     key=hashlib.sha256(body.encode()).hexdigest())
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
     return plan
-
-
-def stage_identity(config: StageConfig) -> tuple[str, bool]:
-    """A content key of this staging (source content, options, destination) and whether the
-    destination already holds exactly its result. Lists the source; reads no data."""
-    import hashlib
-    import json
-
-    if datasets.is_builtin(config.source):
-        fp = "builtin:" + config.source
-    else:
-        _refuse_unknown_builtin(config.source)
-        fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
-    options = config.model_dump(include=set(StageOptions.model_fields))
-    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
-    key = hashlib.sha256(body.encode()).hexdigest()
-    fs, root = url_to_fs(config.dest, config.storage_options)
-    previous = manifest_mod.read_if_exists(fs, root.rstrip("/"))
-    current = (
-        previous is not None
-        and previous.source.get("fingerprint") == fp
-        and previous.source.get("options") == options
-        and _all_present(fs, root.rstrip("/"), previous)
-    )
-    return key, current
 
 
 def _refuse_unknown_builtin(source: str) -> None:
@@ -428,3 +407,10 @@ def write_group_task(group: GroupTask) -> GroupResult:
 def commit_task(plan: StagePlan, results: list[GroupResult], seconds: float) -> StageResult:
     """Write the manifest last and atomically; clean up unreferenced shards."""
     return commit(plan, results, seconds)
+
+
+@task(name="stage-status", cache_policy=NO_CACHE)
+def stage_status_task(config: StageConfig) -> StepStatus:
+    """The staging's content key, whether the destination already holds it, and its plan."""
+    plan = plan_stage(config)
+    return StepStatus(plan.key, plan.up_to_date, config, plan)

@@ -48,6 +48,7 @@ from tasks.inference.prediction_shards import (
     write_predictions,
 )
 from tasks.retries import retry_unless_user_error
+from tasks.step_status import StepStatus, keyed_status
 from tasks.training.data import Columns
 
 # Offline only throughput counts: two sizes in a row may fail to beat the current one before
@@ -344,7 +345,14 @@ def _prefect_tasks():
     predict = task(name="predict-shards", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_unless_user_error,
                    cache_policy=NO_CACHE)(predict_group)
     commit = task(name="commit-predictions", cache_policy=NO_CACHE)(commit_inference)
-    return plan, predict, commit
+    status = task(name="infer-status", cache_policy=NO_CACHE)(infer_status)
+    return plan, predict, commit, status
 
 
-plan_inference_task, predict_group_task, commit_inference_task = _prefect_tasks()
+def infer_status(cfg: InferConfig, output_prefix: str) -> StepStatus:
+    """The inference's content key, its output folder (``output_prefix`` + key), and whether that
+    folder holds this model's predictions of this dataset."""
+    return keyed_status(cfg, "output", output_prefix, infer_identity, inference_finished)
+
+
+plan_inference_task, predict_group_task, commit_inference_task, infer_status_task = _prefect_tasks()
