@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Optional
 import typer
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from storage.errors import ConfigError
 
@@ -52,8 +53,9 @@ class Section:
         else:
             fn = getattr(source, "fn", source)  # a Prefect flow wraps its function
             hints = typing.get_type_hints(fn, include_extras=True)
-            fields = {p.name: FieldInfo.from_annotated_attribute(hints[p.name], p.default)
-                      for p in inspect.signature(fn).parameters.values()}
+            fields = {p.name: FieldInfo.from_annotated_attribute(
+                hints[p.name], PydanticUndefined if p.default is inspect.Parameter.empty else p.default)
+                for p in inspect.signature(fn).parameters.values()}
         names = [n for n in (include or fields) if n not in exclude]
         return cls(name, {n: fields[n] for n in names})
 
@@ -108,7 +110,8 @@ def option_spec(section: str, name: str, info: FieldInfo, argument: bool = False
         kind, option_type = "list", list[(typing.get_args(annotation) or (str,))[0]]
     else:
         kind = "value"
-        option_type = cli_type or (str if choices else annotation)
+        literal = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        option_type = cli_type or (type(literal[0]) if literal else str if choices else annotation)
     if flag is None:
         stem = name.replace("_", "-")
         flag = f"--{stem[:-1] if kind == 'pairs' and stem.endswith('s') else stem}"
