@@ -76,6 +76,11 @@ def test_every_config_field_is_an_option(name):
             assert param.secondary_opts == [f"--no-{stem}"]
 
 
+def test_every_generated_command_is_checked():
+    generated = {name for name, c in get_command(build_app()).commands.items() if hasattr(c.callback, "options")}
+    assert generated == set(_commands()), "add the new command and its config's fields to _commands()"
+
+
 def test_old_command_names_still_work():
     group = get_command(build_app())
     for old, new in (("serve", "serve-model"), ("server", "prefect-server")):
