@@ -184,6 +184,8 @@ def train(
     lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Regex of layer names for adapters"),
     grad_compression: str = typer.Option("none", "--grad-compression", help="none|fp16|bf16 (DDP hook)"),
     bucket_cap_mb: float = typer.Option(25.0, "--bucket-cap-mb", help="DDP bucket size"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Capture the training step "
+                                           "(default: on for CUDA, off on CPU)"),
     feature_column: Optional[str] = typer.Option(None, "--feature-column"),
     label_column: Optional[str] = typer.Option(None, "--label-column"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
@@ -196,7 +198,7 @@ def train(
         dataset=dataset, model=model, model_args=parse_storage_options(model_arg, "--model-arg"), epochs=epochs,
         batch_size=batch_size, lr=lr, precision=precision, world_size=world_size, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, init_from=init_from, seed=seed, lora_rank=lora_rank,
-        lora_targets=lora_targets, grad_compression=grad_compression, bucket_cap_mb=bucket_cap_mb,
+        lora_targets=lora_targets, grad_compression=grad_compression, bucket_cap_mb=bucket_cap_mb, compile=compile,
         feature_column=feature_column, label_column=label_column,
         storage_options=parse_storage_options(storage_option), dask_address=dask_address,
     )

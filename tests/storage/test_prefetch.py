@@ -21,9 +21,10 @@ from storage.prefetch import Prefetcher
 from tests.conftest import ROOT
 
 
-def test_prefetched_batches_keep_the_order_and_report_stalls(images, cache_opts):
+@pytest.mark.parametrize("gather", ["host", "device"])
+def test_prefetched_batches_keep_the_order_and_report_stalls(images, cache_opts, gather):
     ds = StreamingDataset(images.url, batch_size=64, index_key="idx", cache=True, storage_options=cache_opts)
-    loader = Prefetcher(ds, depth=3, shard_depth=2)
+    loader = Prefetcher(ds, depth=3, shard_depth=2, device="cpu", gather=gather)
     assert len(loader) == len(ds)
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -98,9 +99,10 @@ def test_batches_arrive_on_the_device_intact(images, producer):
                for h, d in zip(host, device))
 
 
-def test_the_next_epochs_first_shards_are_read_ahead(images):
+@pytest.mark.parametrize("gather", ["host", "device"])
+def test_the_next_epochs_first_shards_are_read_ahead(images, gather):
     ds = StreamingDataset(images.url, batch_size=64, index_key="idx", block_size=200)
-    loader = Prefetcher(ds)
+    loader = Prefetcher(ds, device="cpu", gather=gather)
     list(loader)
     assert ds._preloaded and {epoch for epoch, _ in ds._preloaded} == {1}
     for epoch in (3, 1):  # an unexpected epoch drops what was read ahead; the order holds either way
