@@ -74,13 +74,13 @@ def make_optimizer(params, lr: float, weight_decay: float, device: torch.device,
 
 
 def resolve_capture(compile: bool | None, mode: Capture, device: torch.device, world_size: int,
-                    scaler) -> Capture:
+                    grad_scaler: bool) -> Capture:
     """What the step does: ``compile`` None is on for CUDA, off on CPU (measured slower there,
     see BENCHMARKS.md); a whole-step graph needs one rank and no grad scaler, else compile."""
     on = device.type == "cuda" if compile is None else compile
     if not on or mode == "none":
         return "none"
-    if mode == "graph" and (device.type != "cuda" or world_size > 1 or scaler is not None):
+    if mode == "graph" and (device.type != "cuda" or world_size > 1 or grad_scaler):
         return "compile"
     return mode
 
