@@ -140,17 +140,19 @@ def test_a_producer_process_gives_the_same_batches_and_stats(images, cache_opts)
     assert again[0]["image"].data_ptr() != again[1]["image"].data_ptr()
 
 
-def test_a_producer_process_resumes_mid_epoch(images):
-    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3)
-    whole = _ids(Prefetcher(ds, producer="process"))
-    loader = Prefetcher(ds, producer="process")
+@pytest.mark.parametrize("how", [{"producer": "process"}, {"device": "cpu", "gather": "device"}, {}],
+                         ids=["process", "device-gather", "thread"])
+def test_a_producer_process_resumes_mid_epoch(images, how):
+    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3, block_size=170)
+    whole = _ids(Prefetcher(ds, **how))
+    loader = Prefetcher(ds, **how)
     first = []
     for batch in loader:
         first.append(batch["idx"].numpy().copy())
         if len(first) == 5:
             state = loader.state_dict()
             break
-    resumed = Prefetcher(StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3), producer="process")
+    resumed = Prefetcher(StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3, block_size=170), **how)
     resumed.load_state_dict(state)
     rest = _ids(resumed)
     assert [a.tolist() for a in first + rest] == [a.tolist() for a in whole]
