@@ -22,7 +22,8 @@ from storage.errors import ConfigError
 from tasks.models import build_model
 from tasks.training.config import TrainConfig
 from tasks.training.data import split_loader, train_loader
-from tasks.training.step import Capture, TrainStep, classification_loss, make_optimizer, resolve_capture
+from tasks.training.step import (Capture, TrainStep, classification_loss, make_optimizer, resolve_capture,
+                                 use_channels_last)
 
 
 class Reporter(Protocol):
@@ -116,6 +117,7 @@ def _build(job: RankJob, device, capture: Capture = "none"):
 
         lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     model.to(device)
+    use_channels_last(model, device, cfg.precision != "fp32")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, device, capture)
     return model, optimizer, lora_layers
@@ -150,6 +152,8 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    import torch
+
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -158,11 +162,15 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    # How the optimizer runs (fused, capturable, foreach) is this device's choice, not the checkpoint's.
-    local = [{k: g.get(k) for k in _IMPLEMENTATION} for g in optimizer.param_groups]
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    for group, keep in zip(optimizer.param_groups, local):
-        group.update(keep)
+    # How the optimizer runs (fused, capturable, foreach) is this device's choice, not the checkpoint's;
+    # set before loading, so that the step counters land where this implementation keeps them.
+    groups = [{**saved, **{k: g.get(k) for k in _IMPLEMENTATION}}
+              for saved, g in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for param, slots in optimizer.state.items():  # moments in the parameter's layout (channels_last)
+        for key, value in slots.items():
+            if hasattr(value, "shape") and value.shape == param.shape and value.stride() != param.stride():
+                slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # keeps the strides
 
 
 _IMPLEMENTATION = ("fused", "capturable", "foreach", "differentiable")

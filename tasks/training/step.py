@@ -64,6 +64,15 @@ def is_convolutional(model: torch.nn.Module) -> bool:
     return any(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
 
 
+def use_channels_last(model: torch.nn.Module, device: torch.device, mixed: bool) -> bool:
+    """Convert a convolutional model on CUDA under autocast to ``channels_last`` (cuDNN's fast
+    layout for reduced precision); whether it did. Call before the optimizer's state exists."""
+    if device.type != "cuda" or not mixed or not is_convolutional(model):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, capture: Capture):
     """AdamW: fused (one kernel for all parameters) on CUDA, ``capturable`` for a graph;
     on CPU as before (the fused CPU kernel gives slightly different rounding)."""
@@ -98,9 +107,7 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device, self.capture, self.amp_dtype, self.scaler = device, capture, amp_dtype, scaler
         self.warmup = max(1, warmup)
-        self.channels_last = device.type == "cuda" and amp_dtype is not None and is_convolutional(model)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
+        self.channels_last = use_channels_last(model, device, amp_dtype is not None)
         self.net = net
         if capture == "compile":
             self.net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else "default")

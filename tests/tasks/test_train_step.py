@@ -118,6 +118,19 @@ def test_a_checkpoint_from_a_fused_optimizer_restores_on_this_device():
     torch.testing.assert_close(mine.state[model.weight]["exp_avg"], saved.state[model.weight]["exp_avg"])
 
 
+def test_restored_moments_take_a_channels_last_models_layout():
+    model = torch.nn.Conv2d(3, 8, 3)
+    first = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    first.step()
+    tensors, meta = _optimizer_tensors(first)
+    model.to(memory_format=torch.channels_last)
+    mine = torch.optim.AdamW(model.parameters())
+    _restore_optimizer(mine, tensors, meta)
+    moment = mine.state[model.weight]["exp_avg"]
+    assert moment.stride() == model.weight.stride() and torch.equal(moment, first.state[model.weight]["exp_avg"])
+
+
 def _weights(url):
     tensors, _ = ckpt.load(url)
     return {k: v for k, v in tensors.items() if k.startswith("model.")}
