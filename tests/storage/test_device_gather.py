@@ -95,3 +95,14 @@ def test_device_batches_on_cuda_equal_the_host_path(images):
     for a, b in zip(host, _copy(device)):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert Prefetcher(make(), device="cuda", gather="auto").gather == "device", "a small window fits"
+
+
+def test_what_fits_on_the_device(images):
+    from storage.device_gather import RESIDENT_WINDOWS, fits_on_device, window_bytes
+
+    ds = StreamingDataset(images.url, batch_size=64, block_size=1000, index_key="idx")
+    row = 3 * 4 * 4 + 8 + 8 + 8  # image, label, permutation, sample id
+    assert window_bytes(ds) == row * 1000
+    assert fits_on_device(RESIDENT_WINDOWS * window_bytes(ds), free=4 * RESIDENT_WINDOWS * window_bytes(ds))
+    assert not fits_on_device(RESIDENT_WINDOWS * window_bytes(ds), free=RESIDENT_WINDOWS * window_bytes(ds))
+    assert Prefetcher(ds)._device_room(), "off CUDA the depth is not bounded by device memory"
