@@ -11,12 +11,12 @@ The loss is pluggable: any ``loss_fn(model, batch) -> (loss, metrics)`` where ``
 are per-step *sums* — device tensors (accumulated on the device, in float64) or Python
 numbers known on the host (counted there, no sync) — and ``"count"`` is the denominator
 of the epoch's means (samples, or tokens for a language model). :func:`classification_loss`
-is the image/table one; the causal-LM loss (:mod:`tasks.training.lm`) has the same shape.
+is the image/table one; a causal-LM loss (tokens as the count) plugs in the same way.
 
 How the step runs (``capture``):
 
-* ``"none"``: eager, as before (CPU default; fp16 with a grad scaler, whose step reads
-  the inf check on the host, is always eager).
+* ``"none"``: eager, as before (the CPU default). fp16's gradient scaler reads its inf
+  check on the host every step, so with it the step is never one graph (compile or none).
 * ``"graph"``: the whole step — forward, loss, backward, fused AdamW (``capturable``)
   and the metric sums — is captured once as one CUDA graph after ``warmup`` eager steps
   on a side stream, then replayed: one launch per step. Batches are copied into the
