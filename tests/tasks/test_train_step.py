@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from storage import checkpoint as ckpt
 from tasks.models import build_model
 from tasks.training import TrainConfig, prepare_training
+from tasks.training.data import train_loader
 from tasks.training.rank import RankJob, _restore_optimizer, _optimizer_tensors, train_rank
 from tasks.training.step import TrainStep, classification_loss, make_optimizer, resolve_capture
 
@@ -153,6 +154,9 @@ def test_device_batches_train_and_resume_mid_epoch_like_the_host_path(digits_dat
                                        checkpoint_dir=str(tmp_path / "host"))))
     cfg = TrainConfig(dataset=digits_dataset, epochs=2, device_batches="device", checkpoint_every=5, keep_last=100,
                       checkpoint_dir=str(tmp_path / "device"))
+    plan = prepare_training(cfg)
+    assert train_loader(cfg, plan.columns, 0, 1, CPU).gather == "device"
+    assert train_loader(cfg.model_copy(update={"device_batches": "auto"}), plan.columns, 0, 1, CPU).gather == "host"
     full = train_rank(_job(cfg))
     for key, value in _weights(host.checkpoint).items():
         torch.testing.assert_close(value, _weights(full.checkpoint)[key])
