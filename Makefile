@@ -56,11 +56,12 @@ $(BENCH_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(BENCH_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(BENCH_VENV)/torch-pin.txt
+	$(BENCH_VENV)/bin/python -c "import torch; print(torch.__version__)" > $(BENCH_VENV)/torch-build.txt
 	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/torch-pin.txt -e '.[test,bench]'
 	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/torch-pin.txt --no-deps "$(MDS)"
 	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/torch-pin.txt "$(RAY)"
-	$(BENCH_VENV)/bin/python -c "import torch, ray; pin = open('$(BENCH_VENV)/torch-pin.txt').read().strip(); \
-		assert 'torch==' + torch.__version__.split('+')[0] == pin, (torch.__version__, pin)"
+	$(BENCH_VENV)/bin/python -c "import torch, ray; built = open('$(BENCH_VENV)/torch-build.txt').read().strip(); \
+		assert torch.__version__ == built, f'torch {torch.__version__} replaced {built}'"
 	touch $@
 
 loader-bench: $(BENCH_STAMP)

@@ -8,7 +8,8 @@ Sections (each a function in ``CHECKS``; add one with ``@check``):
 * ``h2d_copy``: host-to-device bandwidth from pinned and from pageable memory, and how
   much of a pinned copy on a side stream hides behind kernels on the default stream
   (``overlap`` 1.0 = fully hidden, 0 = serialised).
-* ``train_throughput``: the training rank on the GPU (CNN on synthetic images), samples/s,
+* ``train_throughput``: the training rank on the GPU with its defaults (on CUDA the captured
+  step and device-gathered batches; CNN on synthetic images), samples/s,
   mean GPU utilisation and data stall for fp32, bf16-mixed and fp16-mixed (grad scaler).
 * ``train_step``: issue 19's before/after, in one run: the CNN at batch 512 (bf16-mixed)
   from a warm cache, on the plain path (as it was: an eager step, its metrics read every
