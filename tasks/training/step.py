@@ -117,7 +117,8 @@ class TrainStep:
         self._acc: torch.Tensor | None = None
         self._graph = None
         self._static: dict[str, torch.Tensor] = {}
-        self._host_metrics: dict[str, float] = {}
+        self._host_metrics: dict[str, float] = {}  # the last step's numbers known on the host
+        self._graph_host: dict[str, float] = {}  # the captured step's
         self._stream = torch.cuda.Stream(device) if capture == "graph" else None
         self._eager_calls = 0
 
@@ -131,7 +132,7 @@ class TrainStep:
             for name, value in self._static.items():
                 value.copy_(batch[name], non_blocking=True)
             self._graph.replay()
-            self._accumulate_host(self._host_metrics)  # host numbers depend on shapes only: the same each replay
+            self._accumulate_host(self._graph_host)  # host numbers depend on shapes only: the same each replay
         elif self._graph is None and self._eager_calls >= self.warmup:
             self._capture(batch)
         else:
@@ -184,9 +185,9 @@ class TrainStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self._stream):
             self._accumulate(self._forward_backward(static_batch), host=False)
-        self._graph = graph
+        self._graph, self._graph_host = graph, dict(self._host_metrics)
         self._graph.replay()
-        self._accumulate_host(self._host_metrics)
+        self._accumulate_host(self._graph_host)
 
     def _fits(self, batch) -> bool:
         return all(torch.is_tensor(batch.get(k)) and batch[k].shape == v.shape and batch[k].dtype == v.dtype
