@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from storage import order
-from storage.errors import ConfigError
 from storage.loader import StreamingDataset
 from storage.prefetch import Prefetcher
 
@@ -73,15 +72,6 @@ def test_device_transforms_run_on_each_batch(images):
     host = list(StreamingDataset(images.url, batch_size=64, columns=["image", "label"]))
     for a, b in zip(host, loader):
         assert b["image"].dtype == torch.float32 and torch.equal(a["image"].float() / 255, b["image"])
-
-
-def test_bad_gather_arguments(images):
-    ds = StreamingDataset(images.url, batch_size=16)
-    with pytest.raises(ConfigError, match="gather 'gpu' is not allowed; allowed: host, device, auto"):
-        Prefetcher(ds, gather="gpu")
-    with pytest.raises(ConfigError, match="gather='device' is not possible here: num_workers > 0"):
-        Prefetcher(ds, gather="device", num_workers=2)
-    assert Prefetcher(ds, gather="auto").gather == "host", "auto gathers on the host without CUDA"
 
 
 @pytest.mark.gpu

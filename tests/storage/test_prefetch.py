@@ -85,6 +85,11 @@ def test_bad_prefetcher_arguments(images):
         Prefetcher(ds, stall_target=5)
     with pytest.raises(ConfigError, match="needs a StreamingDataset"):
         Prefetcher([{"x": torch.zeros(1)}], num_workers=2)
+    with pytest.raises(ConfigError, match="gather 'gpu' is not allowed; allowed: host, device, auto"):
+        Prefetcher(ds, gather="gpu")
+    with pytest.raises(ConfigError, match="gather='device' is not possible here: num_workers > 0"):
+        Prefetcher(ds, gather="device", num_workers=2)
+    assert Prefetcher(ds, gather="auto").gather == "host", "auto gathers on the host without CUDA"
 
 
 @pytest.mark.gpu
