@@ -218,7 +218,8 @@ def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]
             with autocast():
                 logits = model(xb)
             totals += torch.stack([F.cross_entropy(logits.float(), yb, reduction="sum").double(),
-                                   (logits.argmax(1) == yb).sum().double(), yb.new_tensor(len(yb)).double()])
+                                   (logits.argmax(1) == yb).sum().double(),
+                                   yb.new_full((), len(yb), dtype=torch.float64)])  # a fill, not a copy
     if job.world_size > 1:
         dist.all_reduce(totals)
     model.train()
