@@ -67,7 +67,7 @@ from storage.dataset import Dataset  # noqa: E402
 from storage.loader import StreamingDataset  # noqa: E402
 from storage.prefetch import Prefetcher  # noqa: E402
 from storage.urls import url_to_fs  # noqa: E402
-from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group  # noqa: E402
+from tasks.staging import StageConfig, stage_here  # noqa: E402
 
 
 def log(*parts) -> None:
@@ -91,14 +91,13 @@ def start_s3():
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(key, value)
-    from tests.services import MotoS3
+    from deployments.local_s3 import MotoS3
 
     return MotoS3()
 
 
 def stage(source: str, dest: str, options: dict, shard_size: str, groups: int = 2):
-    plan = plan_stage(StageConfig(source=source, dest=dest, shard_size=shard_size, storage_options=options))
-    return commit(plan, [write_group(g) for g in group_tasks(plan, groups)], 1.0)
+    return stage_here(StageConfig(source=source, dest=dest, shard_size=shard_size, storage_options=options), groups)
 
 
 def import_mosaic():

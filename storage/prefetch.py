@@ -34,7 +34,6 @@ processes (each with its own shard reads); the order then depends on that number
 from __future__ import annotations
 
 import os
-from queue import SimpleQueue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,9 +42,8 @@ from typing import Any, Iterable, Iterator
 
 from storage.errors import ConfigError
 from storage.fetcher import MAX_DEPTH
+from storage.handoff import END, GrowableQueue
 from storage.pinned import PinnedRing
-
-_END = object()
 
 
 @dataclass
@@ -83,56 +81,6 @@ class PrefetchStats:
             "bytes_fetched": int(self.bytes_fetched), "ring_bytes": int(self.ring_bytes),
             "memory_capped": self.memory_capped,
         }
-
-
-class _Queue:
-    """A bounded FIFO whose bound can grow while it is in use.
-
-    Two C queues and no condition variable: ``items`` holds what is queued and ``room``
-    one token per free place. The producer takes a token before it puts, the consumer
-    gives one back after it gets: one call each, blocking (without the GIL) only when
-    the queue is full or empty.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = 0
-        self.items: SimpleQueue = SimpleQueue()
-        self.room: SimpleQueue = SimpleQueue()
-        self.stopped = False
-        self.grow(capacity)
-
-    def put(self, item) -> bool:
-        self.room.get()
-        if self.stopped:
-            return False
-        self.items.put(item)
-        return True
-
-    def get(self):
-        item = self.items.get()
-        self.room.put(None)
-        return item
-
-    def take(self) -> tuple[Any, float]:
-        """The next item and the wait for it (``None`` once ``_END`` was put); an exception put
-        in is raised here, in the consumer."""
-        started = time.perf_counter()
-        item = self.get()
-        waited = time.perf_counter() - started
-        if item is _END:
-            return None, waited
-        if isinstance(item, BaseException):
-            raise item
-        return item, waited
-
-    def grow(self, capacity: int) -> None:
-        for _ in range(capacity - self.capacity):
-            self.room.put(None)
-        self.capacity = max(self.capacity, capacity)
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.room.put(None)  # a producer waiting for room wakes, and stops
 
 
 class Prefetcher:
@@ -224,7 +172,7 @@ class Prefetcher:
         if self.producer == "process":
             yield from self._iter_process()
             return
-        queue = _Queue(self.depth)
+        queue = GrowableQueue(self.depth)
         source, start = self._open_source()
         self.consumed = start
         self.stats = PrefetchStats(depth=self.depth, shard_depth=self.shard_depth)
@@ -305,7 +253,7 @@ class Prefetcher:
         self.dataset.forget_resume()
         return source, start
 
-    def _produce(self, source, queue: _Queue) -> None:
+    def _produce(self, source, queue: GrowableQueue) -> None:
         try:
             for batch in source:
                 item = self._ring.to_device(batch) if self._ring is not None and self._gatherer is None else batch
@@ -314,7 +262,7 @@ class Prefetcher:
             else:
                 if self.dataset is not None and self.num_workers == 0:
                     self.dataset.preload(self.dataset.epoch + 1)  # the usual next epoch
-                queue.put(_END)
+                queue.put(END)
         except BaseException as exc:  # handed to the consumer, raised there
             queue.put(exc)
         finally:
@@ -344,7 +292,7 @@ class Prefetcher:
             stats.bytes_in_flight_mean += (now["bytes_in_flight"] - stats.bytes_in_flight_mean) / stats.flight_samples
             stats.bytes_fetched = now["bytes_fetched"] - base["bytes_fetched"]
 
-    def _tune(self, share: float, queue: _Queue) -> None:
+    def _tune(self, share: float, queue: GrowableQueue) -> None:
         if share > self.stall_target:
             room = self._device_room()
             self.stats.memory_capped = self.stats.memory_capped or not room

@@ -13,45 +13,33 @@ the ones already stored. Tasks are cut at unit boundaries, so each unit is read 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage import codecs, layout, manifest as manifest_mod, sources
-from storage.atomic import TMP_PREFIX
-from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
+from storage.cleanup import remove_unreferenced
+from storage.errors import SourceError
 from storage.manifest import Manifest, ShardEntry
-from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
+from storage.shard_writer import ShardSpec, write_shard
 from storage.sources import SourceUnit
-from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
+from storage.urls import url_to_fs
 from tasks import datasets
-
-SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
-_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
-
-
-def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Refuse credentials in parameters the Prefect UI would show; point to the right place."""
-    for key in options:
-        if key == CREDENTIALS_OPTION:
-            continue  # names a block; the secret itself stays in the block
-        if any(word in key.lower() for word in SECRET_WORDS) or key.lower() in ("key", "secret"):
-            raise ConfigError(
-                f"storage option {key!r} looks like a credential; parameters are shown in the Prefect UI, "
-                "so pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
-                f"or a Prefect Secret block named by the storage option {CREDENTIALS_OPTION!r}"
-            )
-    return options
+from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
+from tasks.retries import retry_unless_user_error
+from tasks.step_status import StepStatus
+from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
 
 
 class StageOptions(BaseModel):
@@ -59,56 +47,18 @@ class StageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["auto", "parquet", "csv", "jsonl", "npy"] = Field("auto", description="Source file format")
-    codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Shard compression codec")
+    format: SourceFormat = Field("auto", description="Source file format")
+    codec: Codec = Field("zstd", description="Shard compression codec")
     level: int | None = Field(None, description="Codec level (zstd 1..22, lz4 1..12); empty for the default")
-    shard_size: ByteSize = Field(ByteSize(64_000_000), description="Target decoded bytes per shard, e.g. 64MB")
-    shard_format: Literal["arrow", "parquet"] = Field("arrow", description="Shard file format")
+    shard_size: byte_size("shard size") = Field(
+        "64MB", validate_default=True, description="Target decoded bytes per shard (e.g. 64MB, 1GiB)")
+    shard_format: ShardFormat = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
     seed: int = Field(0, ge=0, description="Seed of the train/val split")
-
-    @field_validator("shard_size", mode="before")
-    @classmethod
-    def _positive_size(cls, value: Any) -> Any:
-        text = str(value).strip()
-        if text.startswith("-") or (isinstance(value, (int, float)) and value <= 0) or text in ("0", "0B"):
-            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value!r})")
-        return value
-
-    @field_validator("shard_size")
-    @classmethod
-    def _nonzero_size(cls, value: ByteSize) -> ByteSize:
-        if value <= 0:
-            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value})")
-        return value
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> "StageOptions":
         _, self.level = codecs.resolve(self.codec, self.level)
-        return self
-
-
-# A flow parameter of fsspec options, checked for credentials wherever it is declared.
-StorageOptions = Annotated[dict[str, Any], AfterValidator(check_storage_options)]
-
-
-class StorageAccess(BaseModel):
-    """Where the work runs and how storage is reached (never credentials: the UI shows these)."""
-
-    storage_options: StorageOptions = Field(
-        default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
-    )
-    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
-
-    @model_validator(mode="after")
-    def _no_credentials_in_urls(self) -> "StorageAccess":
-        for name, value in self:
-            if isinstance(value, str) and any(_URL_CREDENTIALS.match(part) for part in value.split("::")):
-                raise ValueError(
-                    f"{name} carries credentials in its URL (user:password@…); parameters are shown in the Prefect "
-                    "UI, so pass credentials through the environment or a Prefect Secret block named by the storage "
-                    f"option {CREDENTIALS_OPTION!r}"
-                )
         return self
 
 
@@ -136,6 +86,7 @@ class StagePlan:
     metadata: dict[str, Any]
     source: dict[str, Any]
     previous: Manifest | None
+    key: str = ""  # content hash of the source listing, the options and the destination
     up_to_date: bool = False
 
     @property
@@ -227,29 +178,8 @@ def _metadata_from_schema(schema: pa.Schema) -> dict[str, Any]:
             meta["feature"] = others[0].name
             shape = (others[0].metadata or {}).get(sources.SHAPE_KEY)
             if shape:
-                import json
-
                 meta["shape"] = json.loads(shape)
     return meta
-
-
-def check_destination(dest: str, storage_options: dict[str, Any], role: str = "destination"):
-    """``(fs, root)`` of a dataset's destination: a folder or a new path, in a bucket that
-    exists. ``role`` is what errors call it (the CLI argument's name)."""
-    fs, root = url_to_fs(dest, storage_options)
-    root = root.rstrip("/")
-    try:
-        if fs.isfile(root):
-            raise DestinationError(f"{role} {dest!r} is an existing file; give a folder (or a new path) for the dataset")
-        if protocol_of(fs) not in ("file", "local", "memory"):
-            bucket = root.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise DestinationError(f"{role} bucket {bucket!r} does not exist ({dest!r}); create it first")
-    except SwarmError:
-        raise
-    except (PermissionError, OSError) as exc:
-        raise DestinationError(f"cannot reach {role} {dest!r}: {exc}") from None
-    return fs, root
 
 
 def plan_stage(config: StageConfig) -> StagePlan:
@@ -274,34 +204,11 @@ def plan_stage(config: StageConfig) -> StagePlan:
     options = config.model_dump(include=set(StageOptions.model_fields))
     source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "shards": len(bounds) - 1}
     previous = manifest_mod.read_if_exists(fs, root)
-    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous)
+    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
+    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous,
+                     key=hashlib.sha256(body.encode()).hexdigest())
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
     return plan
-
-
-def stage_identity(config: StageConfig) -> tuple[str, bool]:
-    """A content key of this staging (source content, options, destination) and whether the
-    destination already holds exactly its result. Lists the source; reads no data."""
-    import hashlib
-    import json
-
-    if datasets.is_builtin(config.source):
-        fp = "builtin:" + config.source
-    else:
-        _refuse_unknown_builtin(config.source)
-        fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
-    options = config.model_dump(include=set(StageOptions.model_fields))
-    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
-    key = hashlib.sha256(body.encode()).hexdigest()
-    fs, root = url_to_fs(config.dest, config.storage_options)
-    previous = manifest_mod.read_if_exists(fs, root.rstrip("/"))
-    current = (
-        previous is not None
-        and previous.source.get("fingerprint") == fp
-        and previous.source.get("options") == options
-        and _all_present(fs, root.rstrip("/"), previous)
-    )
-    return key, current
 
 
 def _refuse_unknown_builtin(source: str) -> None:
@@ -469,50 +376,18 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
     )
 
 
-def remove_unreferenced(fs, root: str, keep: list[Manifest | None]) -> int:
-    """Delete shard files (and stale temporaries) that none of ``keep`` names."""
-    names = {s.name for m in keep if m is not None for s in m.shards}
-    removed = 0
-    try:
-        found = fs.find(root)
-    except (FileNotFoundError, OSError):
-        return 0
-    prefix = fs._strip_protocol(root).rstrip("/") + "/"
-    for path in found:
-        rel = path[len(prefix):] if path.startswith(prefix) else path
-        base = rel.rsplit("/", 1)[-1]
-        if "/" not in rel:
-            # Files at the root (index.json, user files) are never touched, except the
-            # temporary of a manifest write that was killed before its rename.
-            if base.startswith(TMP_PREFIX) and base.endswith(f"-{manifest_mod.MANIFEST_NAME}"):
-                removed += _remove_quietly(fs, path)
-            continue
-        if (base.startswith(PART_PREFIX) or base.startswith(TMP_PREFIX)) and rel not in names:
-            removed += _remove_quietly(fs, path)
-    return removed
+def stage_here(config: StageConfig, groups: int = 2) -> StageResult:
+    """Stage in this process, without Prefect or Dask: plan, write each group in turn, commit.
 
-
-def _remove_quietly(fs, path: str) -> int:
-    try:
-        fs.rm_file(path)
-        return 1
-    except (FileNotFoundError, OSError):
-        return 0
+    The same steps as the staging flow, for tests, benchmarks and scripts; nothing is
+    written when the destination already holds this staging."""
+    started = time.perf_counter()
+    plan = plan_stage(config)
+    results = [] if plan.up_to_date else [write_group(group) for group in group_tasks(plan, groups)]
+    return commit(plan, results, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- Prefect tasks
-
-
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """A task's retry condition: transient failures are retried, a user's mistake (bad input,
-    damaged data) is not, as it would fail alike."""
-    try:
-        state.result()
-    except SwarmError:
-        return False
-    except Exception:
-        return True
-    return False
 
 
 @task(name="plan-staging", cache_policy=NO_CACHE)
@@ -532,3 +407,10 @@ def write_group_task(group: GroupTask) -> GroupResult:
 def commit_task(plan: StagePlan, results: list[GroupResult], seconds: float) -> StageResult:
     """Write the manifest last and atomically; clean up unreferenced shards."""
     return commit(plan, results, seconds)
+
+
+@task(name="stage-status", cache_policy=NO_CACHE)
+def stage_status_task(config: StageConfig) -> StepStatus:
+    """The staging's content key, whether the destination already holds it, and its plan."""
+    plan = plan_stage(config)
+    return StepStatus(plan.key, plan.up_to_date, config, plan)

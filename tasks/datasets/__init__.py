@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 import pyarrow as pa
 
 from storage.errors import ConfigError
+from tasks.datasets.params import check_params, int_param  # noqa: F401 - for the built-ins
 
 
 class BuiltinDataset(Protocol):
@@ -57,24 +58,6 @@ def open_builtin(spec: str) -> BuiltinDataset:
     if factory is None:
         raise ConfigError(f"unknown built-in dataset {name!r}; built-ins: {', '.join(sorted(REGISTRY))}")
     return factory(**params)
-
-
-def int_param(dataset: str, key: str, value, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{dataset}: {key}={value!r} is not an integer") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{dataset}: {key}={number} is out of range; allowed: {low}..{high}")
-    return number
-
-
-def check_params(dataset: str, given: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{dataset}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
-        )
 
 
 def _load_builtins() -> None:

@@ -1,10 +1,13 @@
 """Training data: the feature/label columns of a staged dataset as per-rank batches.
 
-Sample order is a pure function of (seed, epoch, world size, rank): one global
-permutation per epoch, cut into global batches of ``world_size * batch_size`` rows; rank
-``r`` takes the ``r``-th slice of every global batch. So every rank has the same number
-of batches, and W ranks with batch b see exactly the samples one rank with batch W*b
-sees, which is what makes DDP equivalent to single-process training.
+Batches come from the streaming loader (:class:`storage.loader.StreamingDataset`) through
+the prefetcher; which rows each rank reads, and in which order, is
+:mod:`storage.order`'s: a pure function of (shard row counts, seed, epoch, world size,
+rank, batch size, ...). Shards are shuffled, each rank reads a contiguous run of the
+epoch's sequence with the same number of batches as every other rank (DDP needs equal
+steps), and rows are shuffled within bounded blocks. Training takes full batches only
+(``drop_last``); scoring reads every row of a split exactly once across ranks, in storage
+order.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
-from deployments import gang
 from storage import checkpoint as ckpt
 from storage.errors import ConfigError
+from tasks import attempts
 from tasks.models import build_model
 from tasks.training.config import TrainConfig
 from tasks.training.data import split_loader, train_loader
@@ -231,9 +231,9 @@ def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
     """Train one rank of a group (the whole job when ``world_size`` is 1).
 
     A rank of an attempt that a newer one has taken over stops before its next step with
-    :class:`~deployments.gang.Superseded`, so it never writes over its successor's checkpoints.
+    :class:`~tasks.attempts.Superseded`, so it never writes over its successor's checkpoints.
     """
-    with gang.membership(gang_key(job.config), job.gang):
+    with attempts.membership(gang_key(job.config), job.gang):
         return _train_rank(job, reporter)
 
 
@@ -297,7 +297,7 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
-                gang.check(key, job.gang)
+                attempts.check(key, job.gang)
                 train_step({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()})
                 step += 1
                 if train_step.steps >= cfg.sync_every or b + 1 == per_epoch:  # the only reads of the device
