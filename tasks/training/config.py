@@ -38,6 +38,18 @@ class TrainOptions(BaseModel):
     threads_per_rank: int = Field(1, ge=1, le=256, description="torch threads per rank")
     max_retries: int = Field(2, ge=0, le=20, description="Whole-group retries after a rank fails")
     timeout_s: float = Field(120.0, gt=0, description="Process-group init and collective timeout")
+    compile: bool | None = Field(
+        None, description="Capture the training step (CUDA graph / torch.compile); default: on for CUDA, off on "
+                          "CPU (measured slower there, see BENCHMARKS.md)")
+    step_capture: Literal["graph", "compile"] = Field(
+        "graph", description="How a compiled step is captured on CUDA: graph (forward, backward and fused AdamW as one "
+                             "CUDA graph; one rank, no fp16 scaler, else compile) | compile (torch.compile "
+                             "reduce-overhead)")
+    sync_every: int = Field(50, ge=1, le=1_000_000,
+                            description="Read the device-side training metrics every N steps (and at epoch end)")
+    device_batches: Literal["auto", "host", "device"] = Field(
+        "auto", description="Where batches are gathered: device (each shuffle window copied to the GPU once, batches "
+                            "gathered there) | host | auto (device on CUDA when two windows fit in device memory)")
 
     @model_validator(mode="after")
     def _lora_pair(self) -> "TrainOptions":

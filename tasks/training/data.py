@@ -124,16 +124,25 @@ def column_transform(cols: Columns):
 
 
 def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, batch_size: int, shuffle: bool,
-            drop_last: bool):
+            drop_last: bool, gather: str = "host"):
+    """The split through the prefetcher: batches gathered on the host (then copied), or, with
+    ``gather`` device/auto, each shuffle window copied to the device once and the batches
+    gathered (and scaled) there."""
     from storage.loader import StreamingDataset
     from storage.prefetch import Prefetcher
 
+    cuda = getattr(device, "type", "cpu") == "cuda"
+    on_device = gather == "device" or (gather == "auto" and cuda)
     ds = StreamingDataset(
         cfg.dataset, split=split, batch_size=batch_size, seed=cfg.seed, shuffle=shuffle, drop_last=drop_last,
-        columns=[cols.feature, cols.label], transforms={cols.feature: column_transform(cols)},
+        columns=[cols.feature, cols.label], transforms={} if on_device else {cols.feature: column_transform(cols)},
         rank=rank, world_size=world_size, storage_options=cfg.storage_options,
     )
-    return Prefetcher(ds, device=device if getattr(device, "type", "cpu") == "cuda" else None, depth=2)
+    loader = Prefetcher(ds, device=device if cuda or on_device else None, depth=2, gather=gather,
+                        device_transforms={cols.feature: lambda t: scale_features(t, cols)})
+    if on_device and loader.gather == "host":  # auto chose the host: the stored values need the host transform
+        ds.transforms = {cols.feature: column_transform(cols)}
+    return loader
 
 
 def train_loader(cfg, cols: Columns, rank: int, world_size: int, device):
@@ -142,7 +151,8 @@ def train_loader(cfg, cols: Columns, rank: int, world_size: int, device):
     Full batches only (``drop_last``): every rank takes the same number of equal steps,
     so DDP's gradient average is the average over the global batch.
     """
-    return _loader(cfg, cols, "train", rank, world_size, device, cfg.batch_size, True, True)
+    return _loader(cfg, cols, "train", rank, world_size, device, cfg.batch_size, True, True,
+                   getattr(cfg, "device_batches", "host"))
 
 
 def split_loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device):

@@ -22,6 +22,8 @@ from tasks import attempts
 from tasks.models import build_model
 from tasks.training.config import TrainConfig
 from tasks.training.data import split_loader, train_loader
+from tasks.training.step import (Capture, TrainStep, classification_loss, make_optimizer, resolve_capture,
+                                 use_channels_last)
 
 
 class Reporter(Protocol):
@@ -99,7 +101,7 @@ def _teardown(ddp=None) -> None:
         dist.destroy_process_group()
 
 
-def _build(job: RankJob, device):
+def _build(job: RankJob, device, capture: Capture = "none"):
     import torch
 
     cfg = job.config
@@ -115,8 +117,9 @@ def _build(job: RankJob, device):
 
         lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     model.to(device)
+    use_channels_last(model, device, cfg.precision != "fp32")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, device, capture)
     return model, optimizer, lora_layers
 
 
@@ -149,6 +152,8 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    import torch
+
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -157,7 +162,18 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # How the optimizer runs (fused, capturable, foreach) is this device's choice, not the checkpoint's;
+    # set before loading, so that the step counters land where this implementation keeps them.
+    groups = [{**saved, **{k: g.get(k) for k in _IMPLEMENTATION}}
+              for saved, g in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for param, slots in optimizer.state.items():  # moments in the parameter's layout (channels_last)
+        for key, value in slots.items():
+            if hasattr(value, "shape") and value.shape == param.shape and value.stride() != param.stride():
+                slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # keeps the strides
+
+
+_IMPLEMENTATION = ("fused", "capturable", "foreach", "differentiable")
 
 
 def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: int, batch: int,
@@ -194,20 +210,21 @@ def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]
     import torch.nn.functional as F
 
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # summed on the device, read once
     feature, label = job.columns.feature, job.columns.label
     with torch.no_grad():
         for batch in val:
             xb, yb = batch[feature].to(device), batch[label].to(device)
             with autocast():
                 logits = model(xb)
-            totals[0] += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-            totals[1] += (logits.argmax(1) == yb).sum().item()
-            totals[2] += len(yb)
+            totals += torch.stack([F.cross_entropy(logits.float(), yb, reduction="sum").double(),
+                                   (logits.argmax(1) == yb).sum().double(),
+                                   yb.new_full((), len(yb), dtype=torch.float64)])  # a fill, not a copy
     if job.world_size > 1:
         dist.all_reduce(totals)
     model.train()
-    return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item()
+    loss, correct, count = totals.tolist()
+    return loss / count, correct / count
 
 
 def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
@@ -227,7 +244,6 @@ def gang_key(cfg: TrainConfig) -> str:
 
 def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
     import torch
-    import torch.nn.functional as F
 
     cfg = job.config
     is_main = job.rank == 0
@@ -237,8 +253,9 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
     try:
         loader = train_loader(cfg, job.columns, job.rank, job.world_size, device)
         val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device)
-        model, optimizer, lora_layers = _build(job, device)
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
+        capture = resolve_capture(cfg.compile, cfg.step_capture, device, job.world_size, scaler is not None)
+        model, optimizer, lora_layers = _build(job, device, capture)
         step, start_epoch, start_batch, history, resumed_from = 0, 0, 0, [], None
         latest = job.resume_from
         if latest:
@@ -269,48 +286,42 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
         per_epoch = len(loader)
         total_steps = per_epoch * cfg.epochs
         checkpoint_url = latest
-        feature, label = job.columns.feature, job.columns.label
+        train_step = TrainStep(model, net, optimizer, classification_loss(job.columns.feature, job.columns.label),
+                               device=device, capture=capture, amp_dtype=amp_dtype, scaler=scaler)
         key = gang_key(cfg)
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t_epoch = time.perf_counter()
-            loss_sum = 0.0
-            correct = seen = 0
+            sums: dict[str, float] = {}
             loader.set_epoch(epoch)
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
                 attempts.check(key, job.gang)
-                xb, yb = batch[feature].to(device, non_blocking=True), batch[label].to(device, non_blocking=True)
-                with autocast():
-                    logits = net(xb)
-                    loss = F.cross_entropy(logits.float(), yb)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                train_step({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()})
                 step += 1
-                loss_sum += loss.item() * len(yb)
-                correct += (logits.argmax(1) == yb).sum().item()
-                seen += len(yb)
+                if train_step.steps >= cfg.sync_every or b + 1 == per_epoch:  # the only reads of the device
+                    read = train_step.read()
+                    for name, value in read.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                    if report is not None:
+                        report.progress(step, total_steps, {"epoch": epoch + 1,
+                                                            "loss": read["loss"] / max(1.0, read["count"])})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
                     checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history,
                                                      lora_layers, loader.state_dict())
-                if report is not None:
-                    report.progress(step, total_steps, {"epoch": epoch + 1, "loss": loss.item()})
+            for name, value in train_step.read().items():  # a resumed epoch with nothing left: zeros
+                sums[name] = sums.get(name, 0.0) + value
             elapsed = time.perf_counter() - t_epoch
             stats = loader.stats
+            seen = sums.get("count", 0.0)
             val_loss = val_acc = None
             if val is not None:
                 val_loss, val_acc = _evaluate(model, val, job, device, autocast)
             row = {
                 "epoch": epoch + 1,
-                "train_loss": round(loss_sum / max(1, seen), 5),
-                "train_acc": round(correct / max(1, seen), 5),
+                **{f"train_{name}": round(value / max(1.0, seen), 5) for name, value in sums.items()
+                   if name not in ("count", "steps")},
                 "val_loss": None if val_loss is None else round(val_loss, 5),
                 "val_acc": None if val_acc is None else round(val_acc, 5),
                 "samples_per_s": round(seen * job.world_size / max(elapsed, 1e-9), 1),

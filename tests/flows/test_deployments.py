@@ -152,3 +152,20 @@ def test_ui_run_button_starts_a_deployment(deployed, prefect_api, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     for png in (shot, tmp_path / "ui-run-form.png"):
         shutil.copy(png, artifacts / png.name)
+
+
+def test_gpu_workers_start_with_expandable_segments_unless_the_user_says_otherwise(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from deployments import cluster
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert cluster.gpu_worker_env() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert cluster.gpu_worker_env() == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    with cluster.configure_gpu_workers():  # Dask's config changed only inside this block
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, \
+                Client(local) as client:
+            seen = client.run(lambda: __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    assert list(seen.values()) == ["expandable_segments:True"], "set in the worker process where it starts"
