@@ -35,6 +35,8 @@ from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
 from storage.sources import SourceUnit
 from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
 from tasks import datasets
+from tasks.text import plan as text_plan
+from tasks.text.options import TextOptions
 
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
 _URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
@@ -59,7 +61,7 @@ class StageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["auto", "parquet", "csv", "jsonl", "npy"] = Field("auto", description="Source file format")
+    format: Literal["auto", "parquet", "csv", "jsonl", "npy", "text"] = Field("auto", description="Source file format")
     codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Shard compression codec")
     level: int | None = Field(None, description="Codec level (zstd 1..22, lz4 1..12); empty for the default")
     shard_size: ByteSize = Field(ByteSize(64_000_000), description="Target decoded bytes per shard, e.g. 64MB")
@@ -114,13 +116,14 @@ class StorageAccess(BaseModel):
 
 class StageTarget(BaseModel):
     source: str = Field(
-        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy files; "
-        "s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens"
+        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy or .txt/.md/.py "
+        "files; s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens, "
+        "python-help, python-stdlib"
     )
     dest: str = Field(description="Destination dataset root, any fsspec URL")
 
 
-class StageConfig(StorageAccess, StageOptions, StageTarget):
+class StageConfig(StorageAccess, TextOptions, StageOptions, StageTarget):
     """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
 
 
@@ -137,6 +140,7 @@ class StagePlan:
     source: dict[str, Any]
     previous: Manifest | None
     up_to_date: bool = False
+    text: text_plan.TextPlan | None = None  # set where the source is staged as text
 
     @property
     def shard_count(self) -> int:
@@ -157,6 +161,7 @@ class GroupTask:
     val_fraction: float
     seed: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    text: text_plan.TextSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ class GroupResult:
     rows: int
     seconds: float
     worker: str = ""
+    text: dict[str, int] | None = None  # counts of tokenized text
 
 
 class StageResult(BaseModel):
@@ -255,12 +261,7 @@ def check_destination(dest: str, storage_options: dict[str, Any], role: str = "d
 def plan_stage(config: StageConfig) -> StagePlan:
     """Inspect the source and destination and fix the shard layout; writes nothing."""
     fs, root = check_destination(config.dest, config.storage_options)
-    unit_bytes = int(config.shard_size)
-    if datasets.is_builtin(config.source):
-        schema, units, rows, bytes_in, metadata, fp = _inspect_builtin(config.source, unit_bytes)
-    else:
-        _refuse_unknown_builtin(config.source)
-        schema, units, rows, bytes_in, metadata, fp = _inspect_files(config, unit_bytes)
+    schema, units, rows, bytes_in, metadata, fp = inspect_source(config)
     if rows == 0:
         raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
     if not schema.names:
@@ -273,10 +274,31 @@ def plan_stage(config: StageConfig) -> StagePlan:
     assert acc == rows, (acc, rows)
     options = config.model_dump(include=set(StageOptions.model_fields))
     source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "shards": len(bounds) - 1}
+    text = None
+    if text_plan.is_text(config, metadata, units):
+        text = text_plan.request(config, config.source, config.storage_options)
+        text_plan.check_column(text, schema, config.source)
+        if bytes_in == 0:
+            raise SourceError(f"source {config.source!r} holds no text (every file is empty); nothing to stage")
+        source["text"] = text.identity
     previous = manifest_mod.read_if_exists(fs, root)
     plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous)
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
+    if text is not None and not plan.up_to_date:
+        texts = text_plan.train_texts(units, text.column, lambda u: read_rows(u, schema, config.storage_options),
+                                      keep=lambda rows: ~split_mask(rows, config.seed, config.val_fraction))
+        plan.text = text_plan.prepare(text, config, config.source, metadata, texts)
     return plan
+
+
+def inspect_source(config: StageConfig | Any):
+    """``(schema, units, rows, bytes_in, metadata, fingerprint)`` of a source (its ``source``,
+    ``format``, ``shard_size`` and ``storage_options``); reads schemas, not data."""
+    unit_bytes = int(config.shard_size)
+    if datasets.is_builtin(config.source):
+        return _inspect_builtin(config.source, unit_bytes)
+    _refuse_unknown_builtin(config.source)
+    return _inspect_files(config, unit_bytes)
 
 
 def stage_identity(config: StageConfig) -> tuple[str, bool]:
@@ -286,12 +308,17 @@ def stage_identity(config: StageConfig) -> tuple[str, bool]:
     import json
 
     if datasets.is_builtin(config.source):
-        fp = "builtin:" + config.source
+        fp, files = "builtin:" + config.source, []
+        metadata = datasets.open_builtin(config.source).metadata
     else:
         _refuse_unknown_builtin(config.source)
-        fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
+        files, metadata = sources.list_files(config.source, config.format, config.storage_options), {}
+        fp = sources.fingerprint(files)
     options = config.model_dump(include=set(StageOptions.model_fields))
-    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
+    text = None
+    if text_plan.is_text(config, metadata, files):
+        text = text_plan.request(config, config.source, config.storage_options).identity
+    body = json.dumps({"source": fp, "dest": config.dest, "options": options, "text": text}, sort_keys=True, default=str)
     key = hashlib.sha256(body.encode()).hexdigest()
     fs, root = url_to_fs(config.dest, config.storage_options)
     previous = manifest_mod.read_if_exists(fs, root.rstrip("/"))
@@ -299,6 +326,7 @@ def stage_identity(config: StageConfig) -> tuple[str, bool]:
         previous is not None
         and previous.source.get("fingerprint") == fp
         and previous.source.get("options") == options
+        and previous.source.get("text") == text
         and _all_present(fs, root.rstrip("/"), previous)
     )
     return key, current
@@ -341,7 +369,7 @@ def group_tasks(plan: StagePlan, n_groups: int) -> list[GroupTask]:
         ]
         tasks.append(
             GroupTask(g, cfg.dest, first, tuple(plan.bounds[first:end + 1]), units, plan.schema, spec,
-                      cfg.val_fraction, cfg.seed, cfg.storage_options)
+                      cfg.val_fraction, cfg.seed, cfg.storage_options, plan.text.spec if plan.text else None)
         )
     return tasks
 
@@ -361,10 +389,11 @@ def split_mask(rows: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
 
 
-def _read_rows(unit: SourceUnit, task: GroupTask) -> pa.Table:
+def read_rows(unit: SourceUnit, schema: pa.Schema, storage_options: dict[str, Any]) -> pa.Table:
+    """The rows of one source unit (of a built-in or of files)."""
     if unit.format == BUILTIN:
         return datasets.open_builtin(unit.url.split(":", 1)[1]).read(unit.start, unit.stop)
-    return sources.read_unit(unit, task.schema, task.storage_options)
+    return sources.read_unit(unit, schema, storage_options)
 
 
 def write_group(task: GroupTask) -> GroupResult:
@@ -380,6 +409,7 @@ def write_group(task: GroupTask) -> GroupResult:
     pending_start = lo
     pending_rows = 0
     k = 0  # the group's next shard to write
+    text_counts = text_plan.TextCounts() if task.text else None
 
     def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
@@ -389,6 +419,9 @@ def write_group(task: GroupTask) -> GroupResult:
             ("val", table.filter(pa.array(mask))),
         ]
         for split, part in parts:
+            if part.num_rows and task.text:
+                part, counts = text_plan.tokenize_table(part, task.text)
+                text_counts.add(counts)
             if part.num_rows == 0:
                 continue
             out = write_shard(fs, root, split, index, part, task.spec)
@@ -397,7 +430,7 @@ def write_group(task: GroupTask) -> GroupResult:
             written += not out.skipped
 
     for offset, unit in task.units:
-        table = _read_rows(unit, task)
+        table = read_rows(unit, task.schema, task.storage_options)
         if table.num_rows != unit.rows:
             raise SourceError(
                 f"{unit.url!r} changed while staging: expected {unit.rows} rows in this part, read {table.num_rows}"
@@ -414,7 +447,8 @@ def write_group(task: GroupTask) -> GroupResult:
             k += 1
     assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       worker=f"{socket.gethostname()}:{os.getpid()}",
+                       text=vars(text_counts) if text_counts else None)
 
 
 # --------------------------------------------------------------------------- commit
@@ -430,16 +464,19 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         written, skipped = 0, len(manifest.shards)
     else:
         entries = sorted((e for r in results for e in r.entries), key=lambda e: (e.split, e.name))
-        got = sum(e.rows for e in entries)
+        got = sum(e.rows for e in entries) if plan.text is None else sum(r.text["documents"] for r in results)
         if got != plan.rows:
             raise SourceError(f"staged {got} rows but the source has {plan.rows}; the source changed while staging")
+        schema, metadata = plan.schema, plan.metadata
+        if plan.text is not None:
+            schema, metadata = text_plan.before_manifest(fs, root, plan.text, [r.text for r in results])
         manifest = Manifest(
             shard_format=cfg.shard_format,
             codec=cfg.codec,
             level=cfg.level,
-            schema=plan.schema,
+            schema=schema,
             shards=entries,
-            metadata=plan.metadata,
+            metadata=metadata,
             source=plan.source,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
