@@ -118,26 +118,66 @@ def human_bytes(n: float) -> str:
 # --------------------------------------------------------------------------- commands
 
 
+def _text_help(name: str) -> str:
+    from tasks.text.options import TextOptions
+
+    return TextOptions.model_fields[name].description
+
+
+tokenizer_app = typer.Typer(help="Tokenizers for text datasets.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    source: str = typer.Argument(..., help="Text source: .txt/.md/.py files, a table with a text column, or python-help, python-stdlib"),
+    out: str = typer.Argument(..., help="Where to write tokenizer.json (a file URL, or a folder to hold it)"),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="Vocabulary size, special tokens included"),
+    text_column: str = typer.Option("text", "--text-column", help="Text column of a JSON Lines/Parquet/CSV source"),
+    format: str = typer.Option("auto", "--format", help="auto|parquet|csv|jsonl|text"),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)"),
+) -> None:
+    """Fit a byte-level BPE (with <|endoftext|> and <|pad|>) on a source and write its tokenizer.json."""
+    from tasks.text.train import TokenizerConfig
+
+    config = TokenizerConfig(source=source, out=out, vocab_size=vocab_size, text_column=text_column, format=format,
+                             storage_options=parse_storage_options(storage_option))
+    _prepare_runtime()
+    from flows.tokenizer import train_tokenizer_flow
+
+    result = train_tokenizer_flow(config)
+    print_kv("tokenizer trained", [("file", result.path), ("vocabulary", f"{result.vocab_size:,}"),
+                                   ("end of text / pad ids", f"{result.eot_id} / {result.pad_id}"),
+                                   ("sha256", result.sha256), ("time", f"{result.seconds:.1f} s")])
+
+
 @app.command()
 def stage(
-    source: str = typer.Argument(..., help="fsspec URL (file, folder, glob, s3://…) or a built-in: digits, synthetic-image, synthetic-tokens"),
+    source: str = typer.Argument(..., help="fsspec URL (file, folder, glob, s3://…) or a built-in: digits, synthetic-image, synthetic-tokens, python-help, python-stdlib"),
     dest: str = typer.Argument(..., help="Destination dataset root (any fsspec URL)"),
-    format: str = typer.Option("auto", "--format", help="auto|parquet|csv|jsonl|npy"),
+    format: str = typer.Option("auto", "--format", help="auto|parquet|csv|jsonl|npy|text"),
     codec: str = typer.Option("zstd", "--codec", help="zstd|lz4|none"),
     level: Optional[int] = typer.Option(None, "--level", help="Codec level (zstd 1..22, lz4 1..12)"),
     shard_size: str = typer.Option("64MB", "--shard-size", help="Target decoded bytes per shard (e.g. 64MB, 1GiB)"),
     shard_format: str = typer.Option("arrow", "--shard-format", help="arrow|parquet"),
     val_fraction: float = typer.Option(0.0, "--val-fraction", help="Fraction of rows for the 'val' split, in [0, 1)"),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/val split"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help=_text_help("text_column")),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=_text_help("tokenizer")),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help=_text_help("vocab_size")),
+    seq_len: int = typer.Option(1024, "--seq-len", help=_text_help("seq_len")),
+    packing: str = typer.Option("packed", "--packing", help=_text_help("packing")),
+    keep_text: bool = typer.Option(False, "--keep-text", help=_text_help("keep_text")),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE (repeatable)"),
     dask_address: Optional[str] = DaskAddress,
 ) -> None:
-    """Stage a dataset into compressed shards with a manifest."""
+    """Stage a dataset into compressed shards with a manifest (text: tokenized into token shards)."""
     from tasks.staging import StageConfig
 
     config = StageConfig(
         source=source, dest=dest, format=format, codec=codec, level=level, shard_size=shard_size,
-        shard_format=shard_format, val_fraction=val_fraction, seed=seed,
+        shard_format=shard_format, val_fraction=val_fraction, seed=seed, text_column=text_column,
+        tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len, packing=packing, keep_text=keep_text,
         storage_options=parse_storage_options(storage_option), dask_address=dask_address,
     )
     _prepare_runtime()

@@ -291,10 +291,10 @@ def plan_stage(config: StageConfig) -> StagePlan:
     return plan
 
 
-def inspect_source(config: StageConfig | Any):
-    """``(schema, units, rows, bytes_in, metadata, fingerprint)`` of a source (its ``source``,
-    ``format``, ``shard_size`` and ``storage_options``); reads schemas, not data."""
-    unit_bytes = int(config.shard_size)
+def inspect_source(config: StageConfig | Any, unit_bytes: int | None = None):
+    """``(schema, units, rows, bytes_in, metadata, fingerprint)`` of a source (a config's
+    ``source``, ``format`` and ``storage_options``); reads schemas, not data."""
+    unit_bytes = unit_bytes or int(config.shard_size)
     if datasets.is_builtin(config.source):
         return _inspect_builtin(config.source, unit_bytes)
     _refuse_unknown_builtin(config.source)

@@ -126,3 +126,18 @@ def write_tokenizer(text: str, url: str, storage_options: dict[str, Any] | None 
         path = f"{path}/{TOKENIZER_FILE}"
     atomic.write_bytes(fs, path, text.encode())
     return fs.unstrip_protocol(path)
+
+
+def dataset_tokenizer(fs, root: str, metadata: dict[str, Any]):
+    """The tokenizer stored with a staged text dataset, checked against the manifest's hash."""
+    from storage.errors import IntegrityError
+
+    record = metadata.get("tokenizer") or {}
+    path = f"{root.rstrip('/')}/{record.get('file', TOKENIZER_FILE)}"
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        raise IntegrityError(f"the dataset's tokenizer {path!r} is missing; stage the dataset again") from None
+    if sha256_of(text) != record.get("sha256"):
+        raise IntegrityError(f"the dataset's tokenizer {path!r} does not match the manifest's sha256; stage it again")
+    return from_json(text)
