@@ -227,3 +227,18 @@ def test_bad_text_parameters(kwargs, message):
 
     with pytest.raises(ValidationError, match=message):
         StageConfig(source="python-help", dest="/tmp/x", **kwargs)
+
+
+def test_train_tokenizer_writes_atomically_and_refuses_empty(tmp_path):
+    from tasks.text.train import TokenizerConfig, train_tokenizer
+    from tasks.text.tokenizer import from_json
+
+    result = train_tokenizer(TokenizerConfig(source=_jsonl(tmp_path / "d.jsonl"), out=str(tmp_path / "t.json"),
+                                             vocab_size=300, text_column="body"))
+    tok = from_json((tmp_path / "t.json").read_text())
+    assert result.vocab_size == tok.get_vocab_size() == 300 and result.eot_id == tok.token_to_id("<|endoftext|>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "t.json"]  # no temporaries left
+    _bad_sources(tmp_path)
+    with pytest.raises(SourceError, match="holds no text"):
+        train_tokenizer(TokenizerConfig(source=str(tmp_path / "empty"), out=str(tmp_path / "out"), vocab_size=300))
+    assert not (tmp_path / "out").exists()
