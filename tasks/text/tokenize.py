@@ -56,17 +56,32 @@ class TextCounts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+#: Texts are encoded in batches of about this many characters, so that the Python lists of
+#: ids (about 36 bytes an id) stay small beside a shard's texts.
+BATCH_CHARS = 8_000_000
+
+
 def encode(texts: list[str | None], spec: TextSpec) -> tuple[np.ndarray, np.ndarray]:
     """All documents' ids, each followed by end-of-text, as one flat array, and each one's length."""
     tokenizer = from_json(spec.tokenizer_json)
+    batch_encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
     docs = ["" if t is None else t for t in texts]
-    batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
-    ids = [e.ids for e in batch(docs, add_special_tokens=False)]
-    lengths = np.fromiter((len(i) + 1 for i in ids), dtype=np.int64, count=len(ids))
-    eot = (spec.eot_id,)
-    flat = np.fromiter(chain.from_iterable(chain(i, eot) for i in ids), dtype=np.dtype(spec.dtype),
-                       count=int(lengths.sum()))
-    return flat, lengths
+    flats, lengths, eot = [], [], (spec.eot_id,)
+    start = 0
+    while start < len(docs):
+        stop, chars = start, 0
+        while stop < len(docs) and (stop == start or chars < BATCH_CHARS):
+            chars += len(docs[stop])
+            stop += 1
+        ids = [e.ids for e in batch_encode(docs[start:stop], add_special_tokens=False)]
+        sizes = np.fromiter((len(i) + 1 for i in ids), dtype=np.int64, count=len(ids))
+        flats.append(np.fromiter(chain.from_iterable(chain(i, eot) for i in ids), dtype=np.dtype(spec.dtype),
+                                 count=int(sizes.sum())))
+        lengths.append(sizes)
+        start = stop
+    if not flats:
+        return np.zeros(0, np.dtype(spec.dtype)), np.zeros(0, np.int64)
+    return np.concatenate(flats), np.concatenate(lengths)
 
 
 def tokenize_table(table: pa.Table, spec: TextSpec) -> tuple[pa.Table, TextCounts]:

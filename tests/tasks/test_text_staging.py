@@ -242,3 +242,15 @@ def test_train_tokenizer_writes_atomically_and_refuses_empty(tmp_path):
     with pytest.raises(SourceError, match="holds no text"):
         train_tokenizer(TokenizerConfig(source=str(tmp_path / "empty"), out=str(tmp_path / "out"), vocab_size=300))
     assert not (tmp_path / "out").exists()
+
+
+def test_encoding_in_batches_gives_the_same_ids(tokenizer_file, monkeypatch):
+    from tasks.text import tokenize
+    from tasks.text.tokenizer import describe
+
+    info = describe(open(tokenizer_file).read(), tokenizer_file)
+    spec = tokenize.TextSpec("text", info.json, info.eot_id, info.pad_id, info.dtype, "packed", 16)
+    whole = tokenize.encode(DOCS, spec)
+    monkeypatch.setattr(tokenize, "BATCH_CHARS", 50)
+    parts = tokenize.encode(DOCS, spec)
+    assert (whole[0] == parts[0]).all() and (whole[1] == parts[1]).all() and len(whole[1]) == len(DOCS)
