@@ -193,6 +193,7 @@ class StageResult(BaseModel):
     rows_per_second: float
     up_to_date: bool
     manifest_hash: str
+    text: dict[str, Any] | None = None  # text: documents, tokens, vocab_size, packing, seq_len
 
 
 # --------------------------------------------------------------------------- plan
@@ -503,6 +504,7 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         rows_per_second=round(manifest.rows / seconds, 1) if seconds > 0 else 0.0,
         up_to_date=plan.up_to_date,
         manifest_hash=manifest.content_hash(),
+        text=text_plan.summary(manifest.metadata),
     )
 
 

@@ -128,3 +128,11 @@ def before_manifest(fs, root: str, plan: TextPlan, stats: list[dict[str, int]]) 
         metadata["padding_tokens"] = counts.padding
         metadata["dropped_tokens"] = counts.dropped
     return plan.spec.schema(), metadata
+
+
+def summary(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """What a staging result reports of text (None for other data)."""
+    if metadata.get("kind") != "text":
+        return None
+    keys = ("documents", "tokens", "vocab_size", "dtype", "packing", "seq_len")
+    return {k: metadata[k] for k in keys if k in metadata} | {"tokenizer": metadata["tokenizer"]["source"]}

@@ -24,9 +24,10 @@ def test_cli_tokenizer_train_then_stage_on_dask(dask_cluster, tmp_path):
     args = ("stage", "python-help", str(dest), "--tokenizer", str(tokenizer), "--seq-len", "128", "--val-fraction", "0.2")
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
+    docs = open_builtin("python-help").read(0, 1000).column("text").to_pylist()
+    assert f"{len(docs)} documents" in proc.stdout and "tokens (packed, 128 ids a row, uint16)" in proc.stdout
     meta = Dataset.open(str(dest)).manifest.metadata
     assert meta["vocab_size"] == 600 and meta["seq_len"] == 128 and meta["tokenizer"]["source"] == str(tokenizer)
-    docs = open_builtin("python-help").read(0, 1000).column("text").to_pylist()
     for split in ("train", "val"):
         assert decoded_documents(str(dest), split) == expected(docs, split, fraction=0.2)
     again = run_cli(*args)
