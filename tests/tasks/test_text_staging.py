@@ -69,10 +69,12 @@ def expected(docs, split, seed=0, fraction=0.0):
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
 @pytest.mark.parametrize("packing", ["packed", "unpacked"])
-def test_round_trip_every_codec_local(tmp_path, tokenizer_file, codec, packing):
+@pytest.mark.parametrize("shard_format", ["arrow", "parquet"])
+def test_round_trip_every_codec_local(tmp_path, tokenizer_file, codec, packing, shard_format):
     dest = str(tmp_path / "ds")
     result = stage_plain(source=_jsonl(tmp_path / "docs.jsonl"), dest=dest, text_column="body", tokenizer=tokenizer_file,
-                         codec=codec, packing=packing, seq_len=16, val_fraction=0.3, shard_size=800)
+                         codec=codec, packing=packing, seq_len=16, val_fraction=0.3, shard_size=800,
+                         shard_format=shard_format)
     assert result.shards >= 4 and set(result.splits) == {"train", "val"}
     for split in ("train", "val"):
         assert decoded_documents(dest, split) == expected(DOCS, split, fraction=0.3)
