@@ -231,6 +231,44 @@ def train_throughput(ctx: Context) -> list[Row]:
     return rows
 
 
+@check
+def generation(ctx: Context) -> list[Row]:
+    """The generation engine on one GPU: 64 requests (16-256 new tokens) on a random-weight
+    Llama, all queued at once: tokens/s, time to first token, KV-pool use, GPU utilisation."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.generation import Engine, Request, SamplingParams, runner_for_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32_000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).to(ctx.device, torch.bfloat16).eval()
+    rng = random.Random(0)
+    work = [([rng.randrange(1, cfg.vocab_size) for _ in range(rng.randint(8, 256))], rng.randint(16, 256))
+            for _ in range(64)]
+    engine = Engine(runner_for_model(model), pool_tokens=64 * 512, block_size=16, max_batch=64,
+                    max_tokens_per_step=1024)
+    engine.generate([Request(p, SamplingParams(max_new_tokens=4)) for p, _ in work[:4]])   # warm-up
+    with _Utilisation() as util:
+        start = time.perf_counter()
+        results = engine.generate([Request(p, SamplingParams(max_new_tokens=n)) for p, n in work])
+        wall = time.perf_counter() - start
+    stats = engine.stats()
+    ttft = sorted(r.ttft_s for r in results)
+    note = "llama 8x1024 bf16, 64 requests queued at once"
+    return [
+        Row("generation", "output tokens/s", sum(len(r.tokens) for r in results) / wall, "", note),
+        Row("generation", "ttft p50", ttft[len(ttft) // 2], "s"),
+        Row("generation", "ttft p99", ttft[-1], "s"),
+        Row("generation", "KV pool peak use", stats["kv_pool"]["peak_blocks_used"] / stats["kv_pool"]["blocks_total"],
+            "", f"of {stats['kv_pool']['bytes_total'] / 2**20:.0f} MiB"),
+        Row("generation", "GPU utilisation", util.mean, "%", "mean while generating (nvidia-smi)"),
+    ]
+
+
 def print_table(rows: list[Row]) -> None:
     print(f"{'section':<22} {'metric':<28} {'value':>12} {'unit':<6} note")
     for r in rows:
