@@ -105,8 +105,8 @@ def list_files(url: str, fmt: str = "auto", storage_options: dict | None = None)
     files, texts = [], []
     for p in sorted(infos):
         name = p.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")) and name != "__init__.py":
-            continue  # hidden files, _SUCCESS markers, our own temporaries
+        if name.startswith(".") or (name.startswith("_") and not name.lower().endswith(TEXT_FILE_EXTENSIONS)):
+            continue  # hidden files, _SUCCESS markers, our own temporaries (but _private.py, __init__.py count)
         file_fmt = _format_of(p, fmt)
         if file_fmt is None and not p.lower().endswith(TEXT_FILE_EXTENSIONS):
             continue

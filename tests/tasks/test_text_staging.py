@@ -86,9 +86,12 @@ def test_round_trip_every_codec_local(tmp_path, tokenizer_file, codec, packing, 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
 def test_round_trip_text_files_on_s3(s3, bucket, tokenizer_file, codec):
     fs, opts = s3.s3fs(), s3.storage_options
-    names = [f"raw/{i // 10}/doc{i:02d}{['.txt', '.md', '.py'][i % 3]}" for i in range(len(DOCS))]
+    names = [f"raw/{i // 10}/{['', '_', '__'][i % 4 % 3]}doc{i:02d}{['.txt', '.md', '.py'][i % 3]}"
+             for i in range(len(DOCS))]  # _private.py and __init__.py-like names are documents too
     for name, doc in zip(names, DOCS):
         fs.pipe(f"{bucket}/{name}", doc.encode())
+    fs.pipe(f"{bucket}/raw/_SUCCESS", b"")
+    fs.pipe(f"{bucket}/raw/.hidden.txt", b"not a document")
     fs.put(tokenizer_file, f"{bucket}/tok/tokenizer.json")
     dest = f"s3://{bucket}/ds"
     stage_plain(source=f"s3://{bucket}/raw", dest=dest, tokenizer=f"s3://{bucket}/tok/tokenizer.json", codec=codec,
