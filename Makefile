@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.swarm-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test reliability bench loader-bench install clean
+.PHONY: run test reliability bench loader-bench bench-text install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,15 @@ $(BENCH_STAMP): pyproject.toml Makefile
 
 loader-bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/loader_bench.py $(BENCH_ARGS)
+
+# Text staging with tokenization vs encode_batch and Hugging Face `datasets` (benchmarks/text_bench.py);
+# `datasets` is the benchmark's peer only, installed without replacing torch.
+DATASETS ?= datasets==5.2.0
+TEXT_BENCH_ARGS ?=
+
+bench-text: $(STAMP)
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt "$(DATASETS)"
+	$(BIN)/python benchmarks/text_bench.py $(TEXT_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .swarm swarm-data

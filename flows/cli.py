@@ -119,6 +119,21 @@ def _stage(app: typer.Typer) -> None:
         run_flow("flows.stage:stage_dataset", "print_stage_summary", StageConfig(**config))
 
 
+@command("tokenizer")
+def _tokenizer(app: typer.Typer) -> None:
+    from tasks.text.train import TokenizerConfig
+
+    group = typer.Typer(help="Tokenizers for text datasets.", no_args_is_help=True)
+    app.add_typer(group, name="tokenizer")
+
+    @config_command(group, "train", [Section.of("config", TokenizerConfig, exclude=("dask_address",))],
+                    arguments=("source", "out"))
+    def train(config: dict) -> None:
+        """Fit a byte-level BPE (with <|endoftext|> and <|pad|>) on a source and write its tokenizer.json."""
+        run_flow("flows.tokenizer:train_tokenizer_flow", "print_tokenizer_summary", TokenizerConfig(**config),
+                 bar=False)
+
+
 @command("train")
 def _train(app: typer.Typer) -> None:
     from tasks.training import TrainConfig

@@ -34,9 +34,24 @@ def print_stage_summary(result) -> None:
             ("bytes in", human_bytes(result.bytes_in)),
             ("bytes out", f"{human_bytes(result.bytes_out)}  (x{result.compression_ratio} smaller than decoded)"),
             ("throughput", f"{result.rows_per_second:,.0f} rows/s in {result.seconds:.1f} s"),
+            *_text_rows(result.text),
             ("Prefect UI", ui_url() or "-"),
         ],
     )
+
+
+def _text_rows(text: dict | None) -> list[tuple[str, str]]:
+    if not text:
+        return []
+    layout = f"{text['packing']}" + (f", {text['seq_len']} ids a row" if "seq_len" in text else "")
+    return [("text", f"{text['documents']:,} documents, {text['tokens']:,} tokens ({layout}, {text['dtype']})"),
+            ("tokenizer", f"{text['tokenizer']}  ({text['vocab_size']:,} ids)")]
+
+
+def print_tokenizer_summary(result) -> None:
+    print_kv("tokenizer trained", [("file", result.path), ("vocabulary", f"{result.vocab_size:,}"),
+                                   ("end of text / pad ids", f"{result.eot_id} / {result.pad_id}"),
+                                   ("sha256", result.sha256), ("time", f"{result.seconds:.1f} s")])
 
 
 def print_train_summary(result) -> None:

@@ -40,6 +40,8 @@ from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
 from tasks.retries import retry_unless_user_error
 from tasks.step_status import StepStatus
 from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
+from tasks.text import plan as text_plan
+from tasks.text.options import TextOptions
 
 
 class StageOptions(BaseModel):
@@ -64,13 +66,14 @@ class StageOptions(BaseModel):
 
 class StageTarget(BaseModel):
     source: str = Field(
-        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy files; "
-        "s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens"
+        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy or .txt/.md/.py "
+        "files; s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens, "
+        "python-help, python-stdlib"
     )
     dest: str = Field(description="Destination dataset root, any fsspec URL")
 
 
-class StageConfig(StorageAccess, StageOptions, StageTarget):
+class StageConfig(StorageAccess, TextOptions, StageOptions, StageTarget):
     """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
 
 
@@ -88,6 +91,7 @@ class StagePlan:
     previous: Manifest | None
     key: str = ""  # content hash of the source listing, the options and the destination
     up_to_date: bool = False
+    text: text_plan.TextPlan | None = None  # set where the source is staged as text
 
     @property
     def shard_count(self) -> int:
@@ -108,6 +112,7 @@ class GroupTask:
     val_fraction: float
     seed: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    text: text_plan.TextSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class GroupResult:
     rows: int
     seconds: float
     worker: str = ""
+    text: dict[str, int] | None = None  # counts of tokenized text
 
 
 class StageResult(BaseModel):
@@ -138,6 +144,7 @@ class StageResult(BaseModel):
     rows_per_second: float
     up_to_date: bool
     manifest_hash: str
+    text: dict[str, Any] | None = None  # text: documents, tokens, vocab_size, packing, seq_len
 
 
 # --------------------------------------------------------------------------- plan
@@ -185,12 +192,7 @@ def _metadata_from_schema(schema: pa.Schema) -> dict[str, Any]:
 def plan_stage(config: StageConfig) -> StagePlan:
     """Inspect the source and destination and fix the shard layout; writes nothing."""
     fs, root = check_destination(config.dest, config.storage_options)
-    unit_bytes = int(config.shard_size)
-    if datasets.is_builtin(config.source):
-        schema, units, rows, bytes_in, metadata, fp = _inspect_builtin(config.source, unit_bytes)
-    else:
-        _refuse_unknown_builtin(config.source)
-        schema, units, rows, bytes_in, metadata, fp = _inspect_files(config, unit_bytes)
+    schema, units, rows, bytes_in, metadata, fp = inspect_source(config)
     if rows == 0:
         raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
     if not schema.names:
@@ -203,12 +205,34 @@ def plan_stage(config: StageConfig) -> StagePlan:
     assert acc == rows, (acc, rows)
     options = config.model_dump(include=set(StageOptions.model_fields))
     source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "shards": len(bounds) - 1}
+    text = None
+    if text_plan.is_text(config, metadata, units):
+        text = text_plan.request(config, config.source, config.storage_options)
+        text_plan.check_column(text, schema, config.source)
+        if bytes_in == 0:
+            raise SourceError(f"source {config.source!r} holds no text (every file is empty); nothing to stage")
+        source["text"] = text.identity
     previous = manifest_mod.read_if_exists(fs, root)
-    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
+    body = json.dumps({"source": fp, "dest": config.dest, "options": options, "text": source.get("text")},
+                      sort_keys=True, default=str)
     plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous,
                      key=hashlib.sha256(body.encode()).hexdigest())
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
+    if text is not None and not plan.up_to_date:
+        texts = text_plan.train_texts(units, text.column, lambda u: read_rows(u, schema, config.storage_options),
+                                      keep=lambda rows: ~split_mask(rows, config.seed, config.val_fraction))
+        plan.text = text_plan.prepare(text, config, config.source, metadata, texts)
     return plan
+
+
+def inspect_source(config: StageConfig | Any, unit_bytes: int | None = None):
+    """``(schema, units, rows, bytes_in, metadata, fingerprint)`` of a source (a config's
+    ``source``, ``format`` and ``storage_options``); reads schemas, not data."""
+    unit_bytes = unit_bytes or int(config.shard_size)
+    if datasets.is_builtin(config.source):
+        return _inspect_builtin(config.source, unit_bytes)
+    _refuse_unknown_builtin(config.source)
+    return _inspect_files(config, unit_bytes)
 
 
 def _refuse_unknown_builtin(source: str) -> None:
@@ -248,7 +272,7 @@ def group_tasks(plan: StagePlan, n_groups: int) -> list[GroupTask]:
         ]
         tasks.append(
             GroupTask(g, cfg.dest, first, tuple(plan.bounds[first:end + 1]), units, plan.schema, spec,
-                      cfg.val_fraction, cfg.seed, cfg.storage_options)
+                      cfg.val_fraction, cfg.seed, cfg.storage_options, plan.text.spec if plan.text else None)
         )
     return tasks
 
@@ -268,10 +292,11 @@ def split_mask(rows: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
 
 
-def _read_rows(unit: SourceUnit, task: GroupTask) -> pa.Table:
+def read_rows(unit: SourceUnit, schema: pa.Schema, storage_options: dict[str, Any]) -> pa.Table:
+    """The rows of one source unit (of a built-in or of files)."""
     if unit.format == BUILTIN:
         return datasets.open_builtin(unit.url.split(":", 1)[1]).read(unit.start, unit.stop)
-    return sources.read_unit(unit, task.schema, task.storage_options)
+    return sources.read_unit(unit, schema, storage_options)
 
 
 def write_group(task: GroupTask) -> GroupResult:
@@ -287,6 +312,7 @@ def write_group(task: GroupTask) -> GroupResult:
     pending_start = lo
     pending_rows = 0
     k = 0  # the group's next shard to write
+    text_counts = text_plan.TextCounts() if task.text else None
 
     def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
@@ -296,6 +322,9 @@ def write_group(task: GroupTask) -> GroupResult:
             ("val", table.filter(pa.array(mask))),
         ]
         for split, part in parts:
+            if part.num_rows and task.text:
+                part, counts = text_plan.tokenize_table(part, task.text)
+                text_counts.add(counts)
             if part.num_rows == 0:
                 continue
             out = write_shard(fs, root, split, index, part, task.spec)
@@ -304,7 +333,7 @@ def write_group(task: GroupTask) -> GroupResult:
             written += not out.skipped
 
     for offset, unit in task.units:
-        table = _read_rows(unit, task)
+        table = read_rows(unit, task.schema, task.storage_options)
         if table.num_rows != unit.rows:
             raise SourceError(
                 f"{unit.url!r} changed while staging: expected {unit.rows} rows in this part, read {table.num_rows}"
@@ -321,7 +350,8 @@ def write_group(task: GroupTask) -> GroupResult:
             k += 1
     assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       worker=f"{socket.gethostname()}:{os.getpid()}",
+                       text=vars(text_counts) if text_counts else None)
 
 
 # --------------------------------------------------------------------------- commit
@@ -337,16 +367,19 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         written, skipped = 0, len(manifest.shards)
     else:
         entries = sorted((e for r in results for e in r.entries), key=lambda e: (e.split, e.name))
-        got = sum(e.rows for e in entries)
+        got = sum(e.rows for e in entries) if plan.text is None else sum(r.text["documents"] for r in results)
         if got != plan.rows:
             raise SourceError(f"staged {got} rows but the source has {plan.rows}; the source changed while staging")
+        schema, metadata = plan.schema, plan.metadata
+        if plan.text is not None:
+            schema, metadata = text_plan.before_manifest(fs, root, plan.text, [r.text for r in results])
         manifest = Manifest(
             shard_format=cfg.shard_format,
             codec=cfg.codec,
             level=cfg.level,
-            schema=plan.schema,
+            schema=schema,
             shards=entries,
-            metadata=plan.metadata,
+            metadata=metadata,
             source=plan.source,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -373,6 +406,7 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         rows_per_second=round(manifest.rows / seconds, 1) if seconds > 0 else 0.0,
         up_to_date=plan.up_to_date,
         manifest_hash=manifest.content_hash(),
+        text=text_plan.summary(manifest.metadata),
     )
 
 

@@ -3,6 +3,7 @@
 ``digits``            scikit-learn's 1,797 handwritten 8x8 digits (real, ships in the package)
 ``synthetic-image``   deterministic image-like rows of any size (``synthetic`` for short)
 ``synthetic-tokens``  deterministic token sequences of any size
+``python-help``       Python's help topics, ``python-stdlib`` its standard library's sources (text)
 
 Every built-in reads any row range on its own, so staging tasks generate their slices in
 parallel without the driver touching the data.
@@ -63,9 +64,11 @@ def open_builtin(spec: str) -> BuiltinDataset:
 def _load_builtins() -> None:
     if REGISTRY:
         return
-    from tasks.datasets import digits, synthetic
+    from tasks.datasets import digits, synthetic, text
 
     register("digits", digits.Digits)
     register("synthetic-image", synthetic.SyntheticImages)
     register("synthetic", synthetic.SyntheticImages)
     register("synthetic-tokens", synthetic.SyntheticTokens)
+    register("python-help", text.PythonHelp)
+    register("python-stdlib", text.PythonStdlib)
