@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import pyarrow as pa
 
-from tasks.datasets import check_params, int_param
+from tasks.datasets.params import check_params, int_param
 
 TEXT_METADATA = {"kind": "text", "text_column": "text"}
 SCHEMA = pa.schema([pa.field("name", pa.string()), pa.field("text", pa.string())])
