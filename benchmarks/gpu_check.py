@@ -25,6 +25,9 @@ Sections (each a function in ``CHECKS``; add one with ``@check``):
   processes and gathered on the device (``gather="device"``, from shuffle windows copied once): samples/s and GB/s alone, then
   with a GPU step per batch (one kernel, then a sync) as long as the load time per batch:
   total time against ``max(load, compute)`` and the data-stall share.
+* ``lm_train_throughput``: causal-LM training of a GPT-2-small-sized built-in GPT (12 layers,
+  768 wide, context 1024) on python-stdlib tokens, fp32 vs bf16-mixed: tokens/s, MFU against
+  the GPU's dense bf16 peak, mean GPU utilisation and data stall.
 
 Without a CUDA device it says so and exits with status 2. The last line printed is one
 JSON object of every figure (``section/metric``: value).
@@ -348,6 +351,36 @@ def generation(ctx: Context) -> list[Row]:
             "", f"of {stats['kv_pool']['bytes_total'] / 2**20:.0f} MiB"),
         Row("generation", "GPU utilisation", util.mean, "%", "mean while generating (nvidia-smi)"),
     ]
+
+
+@check
+def lm_train_throughput(ctx: Context) -> list[Row]:
+    """Causal-LM training on the GPU: tokens/s, MFU and utilisation of a GPT-2-small-sized GPT."""
+    from lm_bench import stage_corpus  # noqa: PLC0415
+
+    from tasks.training import RankJob, TrainConfig, prepare_training
+    from tasks.training.rank import train_rank
+
+    url = str(ctx.work / "python-stdlib")
+    stage_corpus(url, tokens=min(ctx.args.rows, 400_000), seq_len=1024, vocab=8192)
+    gpt = {"d_model": 768, "n_layers": 12, "n_heads": 12}
+    rows = []
+    for precision in ("fp32", "bf16-mixed"):
+        cfg = TrainConfig(dataset=url, model="gpt", model_args=gpt, epochs=2, batch_size=8, precision=precision,
+                          lr=3e-4, resume=False, checkpoint_dir=str(ctx.work / f"lm-ck-{precision}"))
+        plan = prepare_training(cfg)
+        job = RankJob(cfg, plan.model_name, plan.model_args, plan.columns, lm=plan.lm)
+        with _Utilisation() as util:
+            result = train_rank(job)
+        last = result.history[-1]
+        note = "gpt 12x768, context 1024, batch 8, epoch 2"
+        rows += [
+            Row("lm_train", f"{precision} tokens/s", last["tokens_per_s"], "", note),
+            Row("lm_train", f"{precision} MFU", 100 * last["mfu"], "%", "vs dense bf16 peak (tasks.training.lm)"),
+            Row("lm_train", f"{precision} GPU utilisation", util.mean, "%", "mean while training (nvidia-smi)"),
+            Row("lm_train", f"{precision} data stall", last["data_stall_share"], "", "share of epoch time"),
+        ]
+    return rows
 
 
 def print_table(rows: list[Row]) -> None:

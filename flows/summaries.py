@@ -58,21 +58,36 @@ def print_train_summary(result) -> None:
     from deployments.runtime import ui_url
 
     acc = "-" if result.val_acc is None else f"{100 * result.val_acc:.2f}%"
+    if result.task == "causal-lm":
+        ppl = "-" if result.val_perplexity is None else f"{result.val_perplexity:,.2f} (loss {result.val_loss})"
+        quality = [("validation perplexity", ppl), ("train perplexity", result.train_perplexity)]
+        speed = (f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * (result.mfu or 0):.2f}% "
+                 f"(data stall {100 * result.data_stall_share:.1f}%)")
+    else:
+        quality, speed = [("validation accuracy", acc)], \
+            f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"
     print_kv(
         "trained",
         [
             ("model", f"{result.model} ({result.parameters:,} parameters) {result.model_args}"),
             ("ranks", result.world_size),
             ("epochs / steps", f"{result.epochs} / {result.steps:,}"),
-            ("validation accuracy", acc),
+            *quality,
             ("train loss", result.train_loss),
-            ("throughput", f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"),
+            ("throughput", speed),
             ("resumed from", result.resumed_from or "-"),
             ("checkpoint", result.checkpoint),
             ("time", f"{result.seconds:.1f} s"),
             ("Prefect UI", ui_url() or "-"),
         ],
     )
+    if result.samples:
+        table = Table(title="greedy continuations of validation prompts", title_justify="left")
+        table.add_column("prompt")
+        table.add_column("continuation")
+        for row in result.samples:
+            table.add_row(repr(row["prompt"]), repr(row["continuation"]))
+        out.print(table)
 
 
 def _size_change(optimized) -> str:
@@ -127,6 +142,9 @@ def print_optimize_summary(result) -> None:
         "",
         [
             ("model", f"{result.model} {result.model_args}"),
+            ("perplexity gate", f"rose {100 * result.perplexity_increase:.2f}%, allowed "
+                                f"{100 * result.max_perplexity_increase:g}%: passed")
+            if result.perplexity_increase is not None else
             ("accuracy gate", f"dropped {result.accuracy_drop:.2f} points, allowed {result.max_accuracy_drop:g}: passed"),
             ("evaluated on", f"{result.eval_rows:,} rows of {result.eval_dataset} ({result.eval_split or 'all splits'}), "
                              f"timings with {result.threads} thread(s)"),

@@ -27,7 +27,7 @@ from storage.sources import SHAPE_KEY
 @dataclass(frozen=True)
 class Columns:
     feature: str
-    label: str
+    label: str | None  # None: a causal LM's token column alone
     shape: tuple[int, ...] | None
     scale: float | None
 
@@ -118,6 +118,8 @@ def column_transform(cols: Columns):
             return values.astype(np.float32) * np.float32(scale)
         if values.dtype.kind == "f" and values.dtype != np.float32:
             return values.astype(np.float32)
+        if values.dtype.kind == "u" and values.dtype.itemsize > 1:  # token ids: torch has few uint16/32 ops
+            return values.astype(np.int64)
         return values
 
     return transform
@@ -135,7 +137,7 @@ def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, 
     on_device = gather == "device" or (gather == "auto" and cuda)
     ds = StreamingDataset(
         cfg.dataset, split=split, batch_size=batch_size, seed=cfg.seed, shuffle=shuffle, drop_last=drop_last,
-        columns=[cols.feature, cols.label], transforms={} if on_device else {cols.feature: column_transform(cols)},
+        columns=[c for c in (cols.feature, cols.label) if c], transforms={} if on_device else {cols.feature: column_transform(cols)},
         rank=rank, world_size=world_size, storage_options=cfg.storage_options,
     )
     loader = Prefetcher(ds, device=device if cuda or on_device else None, depth=2, gather=gather,
@@ -155,13 +157,13 @@ def train_loader(cfg, cols: Columns, rank: int, world_size: int, device):
                    getattr(cfg, "device_batches", "host"))
 
 
-def split_loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device):
+def split_loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, max_batch: int = 1024):
     """A split for scoring: in storage order, every row exactly once across ranks; None if absent."""
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
     rows = sum(s.rows for s in ds.shards(split)) if split in ds.manifest.splits else 0
     if rows < world_size:
         return None
-    return _loader(cfg, cols, split, rank, world_size, device, max(1, min(1024, rows // world_size)), False, False)
+    return _loader(cfg, cols, split, rank, world_size, device, max(1, min(max_batch, rows // world_size)), False, False)
 
 
 def load_split(url: str, split: str | None, cols: Columns, storage_options: dict | None = None):

@@ -21,7 +21,9 @@ from storage.errors import ConfigError
 from tasks import attempts
 from tasks.models import build_model
 from tasks.training.config import TrainConfig
-from tasks.training.data import split_loader, train_loader
+from tasks.training.data import Columns, split_loader, train_loader
+from tasks.training.lm import LMSpec, lm_forward, step_loss
+from tasks.training.schedule import OptimizerSteps
 from tasks.training.step import (Capture, TrainStep, classification_loss, make_optimizer, resolve_capture,
                                  use_channels_last)
 
@@ -47,6 +49,7 @@ class RankJob:
     attempt: int = 0
     resume_from: str | None = None
     gang: str | None = None  # the attempt's token (see deployments.gang): a superseded rank stops
+    lm: LMSpec | None = None  # causal-lm training: the token column and the data contract's metadata
 
 
 @dataclass
@@ -59,6 +62,7 @@ class RankResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     worker: str = ""
     attempt: int = 0
+    samples: list[dict[str, Any]] = field(default_factory=list)  # causal-lm: greedy continuations after training
 
 
 def _setup(job: RankJob):
@@ -106,8 +110,8 @@ def _build(job: RankJob, device, capture: Capture = "none"):
 
     cfg = job.config
     torch.manual_seed(cfg.seed)
-    model = build_model(job.model_name, job.model_args)
-    if cfg.init_from:
+    model = build_model(job.model_name, job.model_args, storage_options=cfg.storage_options)
+    if cfg.init_from and not cfg.init_from.startswith("hf:"):  # an hf: folder's weights are the model's own
         tensors, meta = ckpt.load(cfg.init_from, cfg.storage_options)
         _check_same_model(meta, job, cfg.init_from)
         model.load_state_dict(_prefixed(tensors, "model."))
@@ -116,6 +120,10 @@ def _build(job: RankJob, device, capture: Capture = "none"):
         from tasks.training.lora import apply_lora
 
         lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if cfg.activation_checkpointing:
+        from tasks.training.lm import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     model.to(device)
     use_channels_last(model, device, cfg.precision != "fp32")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,7 +185,8 @@ _IMPLEMENTATION = ("fused", "capturable", "foreach", "differentiable")
 
 
 def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: int, batch: int,
-                    history: list, lora_layers: list[str], loader_state: dict | None) -> str:
+                    history: list, lora_layers: list[str], loader_state: dict | None,
+                    files: dict[str, bytes] | None = None) -> str:
     cfg = job.config
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
@@ -199,8 +208,19 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
         "history": history,
         "dataset": cfg.dataset,
         "precision": cfg.precision,
+        **model_record(job, model),
     }
-    return ckpt.save(cfg.checkpoint_dir, step, tensors, meta, cfg.storage_options, keep_last=cfg.keep_last)
+    return ckpt.save(cfg.checkpoint_dir, step, tensors, meta, cfg.storage_options, keep_last=cfg.keep_last,
+                     files=files)
+
+
+def model_record(job: RankJob, model) -> dict[str, Any]:
+    """What a language model's checkpoint adds for generation: the task, tokenizer, ids,
+    context, and for an hf: model its source and architecture (see the data contract)."""
+    record: dict[str, Any] = job.lm.checkpoint_meta() if job.lm else {"task": "classify"}
+    if hasattr(model, "describe"):
+        record["hf"] = model.describe()
+    return record
 
 
 def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]:
@@ -242,6 +262,21 @@ def gang_key(cfg: TrainConfig) -> str:
     return cfg.checkpoint_dir.rstrip("/")
 
 
+def lm_files(job: RankJob) -> dict[str, bytes]:
+    """Files a language model's checkpoints carry: the dataset's tokenizer.json, when it has one."""
+    from tasks.training.lm_data import tokenizer_bytes
+
+    data = tokenizer_bytes(job.config.dataset, job.lm, job.config.storage_options)
+    return {"tokenizer.json": data} if data is not None else {}
+
+
+def lm_throughput(model, lm: LMSpec, device, threads: int) -> tuple[float, float]:
+    """``(model FLOPs per token, device peak FLOP/s)`` for the MFU column."""
+    from tasks.training.lm import flops_per_token, peak_flops
+
+    return flops_per_token(model, lm.seq_len), peak_flops(device, threads)[0]
+
+
 def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
     import torch
 
@@ -250,9 +285,11 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
     report = reporter if (reporter is not None and is_main) else None
     device = _setup(job)
     net = None
+    lm = job.lm
     try:
         loader = train_loader(cfg, job.columns, job.rank, job.world_size, device)
-        val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device)
+        val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device,
+                           max_batch=cfg.batch_size if lm else 1024)
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
         capture = resolve_capture(cfg.compile, cfg.step_capture, device, job.world_size, scaler is not None)
         model, optimizer, lora_layers = _build(job, device, capture)
@@ -284,41 +321,83 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
             return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
         per_epoch = len(loader)
-        total_steps = per_epoch * cfg.epochs
+        steps = OptimizerSteps(cfg, net, optimizer, scaler, per_epoch, "causal-lm" if lm else "classify")
+        total_steps = steps.total
+        files = lm_files(job) if lm and is_main else None
+        lm_rates = lm_throughput(model, lm, device, cfg.threads_per_rank) if lm else None
         checkpoint_url = latest
-        train_step = TrainStep(model, net, optimizer, classification_loss(job.columns.feature, job.columns.label),
-                               device=device, capture=capture, amp_dtype=amp_dtype, scaler=scaler)
+        train_step = None if lm else TrainStep(
+            model, net, optimizer, classification_loss(job.columns.feature, job.columns.label),
+            device=device, capture=capture, amp_dtype=amp_dtype, scaler=scaler)
         key = gang_key(cfg)
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t_epoch = time.perf_counter()
-            sums: dict[str, float] = {}
+            sums: dict[str, float] = {}  # classifiers: the step's device sums, read every sync_every steps
+            seen = 0
+            lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+            lm_count = torch.zeros((), dtype=torch.float64, device=device)
             loader.set_epoch(epoch)
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
                 attempts.check(key, job.gang)
-                train_step({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()})
+                if lm is None:  # classifiers: the step without host round trips (tasks.training.step)
+                    train_step({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                for k, v in batch.items()})
+                    step += 1
+                    if train_step.steps >= cfg.sync_every or b + 1 == per_epoch:  # the only reads of the device
+                        read = train_step.read()
+                        for name, value in read.items():
+                            sums[name] = sums.get(name, 0.0) + value
+                        if report is not None:
+                            report.progress(step, total_steps, {"epoch": epoch + 1,
+                                                                "loss": read["loss"] / max(1.0, read["count"])})
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
+                        checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history,
+                                                         lora_layers, loader.state_dict())
+                    continue
+                # causal LM: masked next-token loss (tasks.training.lm), accumulation, clipping, schedule
+                with steps.sync(b):
+                    tokens = batch[lm.column].to(device, non_blocking=True)
+                    with autocast():
+                        token_loss, token_count = lm_forward(net, tokens, lm)
+                    loss = step_loss(token_loss, token_count, job.world_size)
+                    lm_sum += token_loss.detach().double()
+                    lm_count += token_count
+                    seen += len(tokens)
+                    steps.backward(loss, b)
+                if not steps.boundary(b):
+                    continue
+                steps.step(step)
                 step += 1
-                if train_step.steps >= cfg.sync_every or b + 1 == per_epoch:  # the only reads of the device
-                    read = train_step.read()
-                    for name, value in read.items():
-                        sums[name] = sums.get(name, 0.0) + value
-                    if report is not None:
-                        report.progress(step, total_steps, {"epoch": epoch + 1,
-                                                            "loss": read["loss"] / max(1.0, read["count"])})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
                     checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history,
-                                                     lora_layers, loader.state_dict())
-            for name, value in train_step.read().items():  # a resumed epoch with nothing left: zeros
-                sums[name] = sums.get(name, 0.0) + value
+                                                     lora_layers, loader.state_dict(), files)
+                if report is not None and step % cfg.sync_every == 0:
+                    report.progress(step, total_steps, {"epoch": epoch + 1, "loss": loss.item()})
+            if lm is None:
+                for name, value in train_step.read().items():  # a resumed epoch with nothing left: zeros
+                    sums[name] = sums.get(name, 0.0) + value
+                seen = sums.get("count", 0.0)
             elapsed = time.perf_counter() - t_epoch
             stats = loader.stats
-            seen = sums.get("count", 0.0)
             val_loss = val_acc = None
-            if val is not None:
+            if lm is not None:
+                from tasks.training.lm_data import evaluate, history_row
+
+                val_loss = evaluate(model, val, lm, job.world_size, device, autocast) if val is not None else None
+                totals = torch.stack([lm_sum, lm_count]).cpu()
+                if job.world_size > 1:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(totals)
+                history.append(history_row(
+                    epoch + 1, totals[0].item(), totals[1].item(), val_loss, seen * lm.data_seq_len * job.world_size,
+                    elapsed, stats.stall_s, *lm_rates, job.world_size, seen * job.world_size, steps.lr, stats.hit_rate))
+            elif val is not None:
                 val_loss, val_acc = _evaluate(model, val, job, device, autocast)
-            row = {
+            row = history[-1] if lm is not None else {
                 "epoch": epoch + 1,
                 **{f"train_{name}": round(value / max(1.0, seen), 5) for name, value in sums.items()
                    if name not in ("count", "steps")},
@@ -329,10 +408,11 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
                 "cache_hit_rate": stats.hit_rate,
                 "epoch_s": round(elapsed, 3),
             }
-            history.append(row)
+            if lm is None:
+                history.append(row)
             if is_main:
                 checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch + 1, 0, history,
-                                                 lora_layers, None)
+                                                 lora_layers, None, files)
                 if report is not None:
                     report.epoch(row)
         if is_main and cfg.lora_rank:
@@ -345,12 +425,20 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
                       cfg.storage_options, keep_last=1)
         if report is not None:
             report.finish(history)
+        samples = []
+        if lm is not None and is_main:
+            from tasks.training.lm_data import sample_continuations
+
+            samples = sample_continuations(model, cfg.dataset, lm, (files or {}).get("tokenizer.json"), device,
+                                           cfg.storage_options)
+            if report is not None and hasattr(report, "samples"):
+                report.samples(samples)
         if job.world_size > 1:
             import torch.distributed as dist
 
             dist.barrier()  # every rank done with every collective before any leaves
         return RankResult(job.rank, step, len(history), resumed_from, checkpoint_url, history if is_main else [],
-                          worker=f"{socket.gethostname()}:{os.getpid()}", attempt=job.attempt)
+                          worker=f"{socket.gethostname()}:{os.getpid()}", attempt=job.attempt, samples=samples)
     finally:
         _teardown(net)
 

@@ -25,7 +25,7 @@ def test_gpu_check_sections_are_pluggable():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert [c.__name__ for c in gpu_check.CHECKS] == ["h2d_copy", "loader_to_gpu", "train_step", "train_throughput",
-                                                     "generation"]
+                                                     "generation", "lm_train_throughput"]
 
     @gpu_check.check
     def extra(ctx):
