@@ -368,8 +368,16 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     kernel: str = typer.Option("auto", "--kernel", help="CPU: auto (the faster of oneDNN and eager, tried at start) | eager"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE"),
+    in_process: bool = typer.Option(False, "--in-process", help="Replicas as threads of this process, not on Dask workers"),
+    dask_address: Optional[str] = DaskAddress,
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas", help="Autoscaling: replicas at least"),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="Autoscaling: replicas at most"),
+    target_ongoing: float = typer.Option(16.0, "--target-ongoing", help="Autoscaling: outstanding requests per replica to aim for"),
+    upscale_delay_s: float = typer.Option(2.0, "--upscale-delay-s", help="Autoscaling: seconds over the target before adding"),
+    downscale_delay_s: float = typer.Option(10.0, "--downscale-delay-s", help="Autoscaling: seconds under the target before removing"),
 ) -> None:
-    """Serve a model over HTTP: batched requests across replicas, until Ctrl-C or SIGTERM (drains first)."""
+    """Serve a model over HTTP: batched requests routed to replicas on Dask workers (or threads with
+    --in-process), until Ctrl-C or SIGTERM (drains first)."""
     from tasks.inference.config import ServeConfig
 
     config = ServeConfig(
@@ -377,12 +385,17 @@ def serve(
         max_queue_rows=max_queue_rows, max_request_rows=max_request_rows, max_body_bytes=max_body_bytes,
         threads_per_replica=threads_per_replica, adaptive=adaptive, latency_target_ms=latency_target_ms,
         memory_cap_mb=memory_cap_mb, device=device, kernel=kernel, storage_options=parse_storage_options(storage_option),
+        in_process=in_process, dask_address=dask_address, min_replicas=min_replicas, max_replicas=max_replicas,
+        target_ongoing=target_ongoing, upscale_delay_s=upscale_delay_s, downscale_delay_s=downscale_delay_s,
     )
     from tasks.inference.server import serve as run_server
 
-    def ready(url: str) -> None:
+    def ready(url: str, description: dict) -> None:
         out.print(f"serving {model} at {url} (POST /predict, GET /health, GET /metrics); Ctrl-C to stop",
                   highlight=False, soft_wrap=True)
+        for place in description.get("placement", []):
+            out.print(f"  replica {place['replica']} on {place['worker']} (pid {place.get('pid')}, "
+                      f"{place.get('device')}, kernel {place.get('kernel')})", highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
     served = run_server(config, on_ready=ready)
