@@ -10,8 +10,9 @@ connects the router to it, and then watches them:
   once (its batches go to other replicas, see :mod:`tasks.inference.router`), and a
   replacement is started on a live worker; the time without it is recorded (``gap_s``).
 - **Autoscaling** between ``min_replicas`` and ``max_replicas``: the wanted count is the
-  outstanding requests over ``target_ongoing``; it must stay above the current count for
-  ``upscale_delay_s`` to add replicas, below it for ``downscale_delay_s`` to remove one,
+  outstanding requests (averaged over ``autoscale_window_s``, as Ray Serve's look-back
+  period does: under a steady load they still come and go in bursts) over
+  ``target_ongoing``; it must stay above the current count for ``upscale_delay_s`` to add replicas, below it for ``downscale_delay_s`` to remove one,
   which first stops taking batches and finishes those it has (drained), then goes.
 
 The Dask client is synchronous and runs in worker threads of this process, so the serving
@@ -52,6 +53,7 @@ class ReplicaSet:
         self.events: deque[dict] = deque(maxlen=200)  # lost, replaced, scaled up/down
         self.counts: Counter = Counter()
         self.last_gap_s: float | None = None
+        self.ongoing_average = 0.0  # outstanding requests over the autoscaling window
         self._actors: dict[int, tuple[Any, Any]] = {}  # index -> (Dask future, actor)
         self._starting: dict[int, str] = {}  # index -> worker, while it loads
         self._next_index = 0
@@ -138,6 +140,12 @@ class ReplicaSet:
         finally:
             self._starting.pop(index, None)
 
+    def _forget_actor(self, index: int) -> None:
+        future, _ = self._actors.pop(index, (None, None))
+        if future is not None:
+            with self.client.as_current():
+                future.release()
+
     def _stop_actor(self, index: int) -> None:
         future, actor = self._actors.pop(index, (None, None))
         with self.client.as_current():
@@ -183,8 +191,13 @@ class ReplicaSet:
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replica management task %s failed", task.get_name(), exc_info=task.exception())
 
     async def close(self) -> None:
         self._closing = True
@@ -209,7 +222,7 @@ class ReplicaSet:
         self._spawn(self._replace(replica, time.monotonic()))
 
     async def _replace(self, replica: ReplicaClient, lost_at: float) -> None:
-        await self._thread(self._stop_actor, replica.index)
+        self._forget_actor(replica.index)  # no stop() call: its worker may be gone, and Dask would wait for it
         while not self._closing and self._active() < self.target:
             try:
                 new = await self._add(exclude={replica.worker})
@@ -259,20 +272,27 @@ class ReplicaSet:
 
     # ------------------------------------------------------------------ autoscaling
 
-    def wanted(self) -> int:
-        return min(self.high, max(self.low, math.ceil(self.ongoing() / self.config.target_ongoing)))
+    def wanted(self, ongoing: float | None = None) -> int:
+        ongoing = self.ongoing() if ongoing is None else ongoing
+        return min(self.high, max(self.low, math.ceil(ongoing / self.config.target_ongoing)))
 
-    async def _autoscale(self, tick: float = 0.1) -> None:
+    async def _autoscale(self, tick: float = 0.05) -> None:
         over_since = under_since = None
+        samples: deque[tuple[float, int]] = deque()
         while True:
             await asyncio.sleep(tick)
-            now, current, wanted = time.monotonic(), self.target, self.wanted()
+            now, current = time.monotonic(), self.target
+            samples.append((now, self.ongoing()))
+            while samples[0][0] < now - self.config.autoscale_window_s:
+                samples.popleft()
+            self.ongoing_average = sum(n for _, n in samples) / len(samples)
+            wanted = self.wanted(self.ongoing_average)
             if wanted > current:
                 under_since = None
                 over_since = over_since or now
                 if now - over_since >= self.config.upscale_delay_s:
+                    await self._scale_up(wanted - current, now - over_since)
                     over_since = None
-                    await self._scale_up(wanted - current)
             elif wanted < current:
                 over_since = None
                 under_since = under_since or now
@@ -282,11 +302,12 @@ class ReplicaSet:
             else:
                 over_since = under_since = None
 
-    async def _scale_up(self, count: int) -> None:
+    async def _scale_up(self, count: int, over_for_s: float) -> None:
         before, self.target = self.target, self.target + count
         self.counts["scale_up"] += 1
-        self._event("scale_up", replicas_from=before, to=self.target, ongoing=self.ongoing())
-        log.info("scaling up from %d to %d replicas (%d requests outstanding)", before, self.target, self.ongoing())
+        self._event("scale_up", replicas_from=before, to=self.target, ongoing=round(self.ongoing_average, 2),
+                    over_target_for_s=round(over_for_s, 3))
+        log.info("scaling up from %d to %d replicas (%.1f requests outstanding)", before, self.target, self.ongoing_average)
         results = await asyncio.gather(*(self._add() for _ in range(count)), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -303,7 +324,7 @@ class ReplicaSet:
         self.router.changed()
         self.counts["scale_down"] += 1
         self._event("scale_down", replicas_from=before, to=self.target, replica=victim.index, worker=victim.worker,
-                    ongoing=self.ongoing())
+                    ongoing=round(self.ongoing_average, 2))
         log.info("scaling down from %d to %d replicas: draining replica %d", before, self.target, victim.index)
         while victim.outstanding_batches and victim.state == DRAINING:
             await asyncio.sleep(0.01)

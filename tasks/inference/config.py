@@ -46,6 +46,8 @@ class ServeConfig(BaseModel):
     upscale_delay_s: float = Field(2.0, ge=0, description="Autoscaling: load must stay over the target this long to add replicas")
     downscale_delay_s: float = Field(10.0, ge=0, description=(
         "Autoscaling: load must stay under the target this long to remove a replica (drained first)"))
+    autoscale_window_s: float = Field(1.0, gt=0, le=600, description=(
+        "Autoscaling: outstanding requests are averaged over this many seconds (requests come in bursts)"))
     replica_batches: int = Field(2, ge=1, le=64, description=(
         "Batches sent to one replica at once (one computes while the next travels); its queue holds no more"))
     probe_interval_s: float = Field(1.0, gt=0, description="How often each replica's health is probed")
