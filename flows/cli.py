@@ -375,6 +375,10 @@ def serve(
     target_ongoing: float = typer.Option(16.0, "--target-ongoing", help="Autoscaling: outstanding requests per replica to aim for"),
     upscale_delay_s: float = typer.Option(2.0, "--upscale-delay-s", help="Autoscaling: seconds over the target before adding"),
     downscale_delay_s: float = typer.Option(10.0, "--downscale-delay-s", help="Autoscaling: seconds under the target before removing"),
+    autoscale_window_s: float = typer.Option(1.0, "--autoscale-window-s", help="Autoscaling: outstanding requests averaged over this"),
+    replica_batches: int = typer.Option(2, "--replica-batches", help="Batches sent to one replica at once"),
+    probe_timeout_s: float = typer.Option(10.0, "--probe-timeout-s", help="A replica silent this long is replaced"),
+    replica_start_timeout_s: float = typer.Option(180.0, "--replica-start-timeout-s", help="How long a replica may take to load"),
 ) -> None:
     """Serve a model over HTTP: batched requests routed to replicas on Dask workers (or threads with
     --in-process), until Ctrl-C or SIGTERM (drains first)."""
@@ -387,6 +391,8 @@ def serve(
         memory_cap_mb=memory_cap_mb, device=device, kernel=kernel, storage_options=parse_storage_options(storage_option),
         in_process=in_process, dask_address=dask_address, min_replicas=min_replicas, max_replicas=max_replicas,
         target_ongoing=target_ongoing, upscale_delay_s=upscale_delay_s, downscale_delay_s=downscale_delay_s,
+        autoscale_window_s=autoscale_window_s, replica_batches=replica_batches, probe_timeout_s=probe_timeout_s,
+        replica_start_timeout_s=replica_start_timeout_s,
     )
     from tasks.inference.server import serve as run_server
 

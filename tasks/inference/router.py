@@ -31,6 +31,8 @@ from tasks.inference import wire
 log = logging.getLogger("swarm.serve.router")
 
 UP, DRAINING, LOST, STOPPED = "up", "draining", "lost", "stopped"
+#: Replicas one batch is sent to at most before it fails (each lost while holding it).
+MAX_ATTEMPTS = 4
 
 
 class ReplicaLost(ConnectionError):
@@ -211,9 +213,7 @@ class Router:
             return None
         if len(free) > 2:
             free = self._rng.sample(free, 2)
-        chosen = min(free, key=lambda r: (r.load(), r.outstanding_batches))
-        self.choices[chosen.index] += 1
-        return chosen
+        return min(free, key=lambda r: (r.load(), r.outstanding_batches))
 
     def pick(self) -> "_Dispatch | None":
         replica = self.choose()
@@ -234,17 +234,22 @@ class Router:
         return replica
 
     async def run_on(self, replica: ReplicaClient, rows: np.ndarray) -> np.ndarray:
-        """``rows`` on ``replica`` (reserved already), again on others while replicas are lost."""
-        while True:
+        """``rows`` on ``replica`` (reserved already), again on others while replicas are lost
+        (up to ``MAX_ATTEMPTS`` replicas: a batch that takes each one down is not tried on all)."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            self.choices[replica.index] += 1
             try:
                 return await replica.send(rows)
             except (ReplicaLost, ReplicaBusy) as exc:
+                if attempt == MAX_ATTEMPTS:
+                    raise NoReplica(f"the batch was lost with {attempt} replicas in turn; last: {exc}") from None
                 self.retries += 1
                 log.warning("batch of %d rows sent again: %s", len(rows), exc)
             finally:
                 self.changed()
             replica = await self.acquire()
             replica.reserve(len(rows))
+        raise AssertionError("unreachable")
 
 
 class _Dispatch:

@@ -273,8 +273,13 @@ class Served:
 
 
 def _server(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = None):
-    service = make_service(config)
+    # Bound first: a port in use is found before replicas start on a cluster.
     sock = bind(config.host, config.port)
+    try:
+        service = make_service(config)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     uv_config = uvicorn.Config(create_app(service), http=_http_protocol(), log_level="warning", access_log=False,
