@@ -1,6 +1,7 @@
 """Online serving on this machine: batched vs unbatched (max batch 1), at several concurrencies.
 
-Runs the real product path: `swarm serve-model` in its own process on loopback, driven by a
+Runs the real product path: `swarm serve-model --in-process` (thread replicas; replicas on Dask
+workers are measured by cluster_serve_bench.py) in its own process on loopback, driven by a
 closed-loop load generator in this process (each of C clients sends its next request
 when the previous one is answered, over its own keep-alive connection). The generator
 speaks minimal HTTP/1.1 on asyncio streams, so it costs far less CPU per request than
@@ -282,7 +283,7 @@ def online(args: argparse.Namespace, checkpoint: str, x: np.ndarray, classes: np
     levels = [int(c) for c in args.concurrency.split(",")]
     gc.collect()
     gc.freeze()  # no ~100 ms full collections of torch's objects inside the measurements
-    common = ["--replicas", str(args.replicas), "--threads-per-replica", str(args.threads_per_replica),
+    common = ["--in-process", "--replicas", str(args.replicas), "--threads-per-replica", str(args.threads_per_replica),
               "--max-wait-ms", str(args.max_wait_ms)]
     modes = {"batched": common + ["--max-batch-size", str(args.max_batch_size)],
              "unbatched": common + ["--max-batch-size", "1"],

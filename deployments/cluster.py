@@ -80,7 +80,7 @@ def keep_nannies() -> None:
     dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT})
 
 
-def _start_local_cluster():
+def _start_local_cluster(workers: int | None = None):
     from deployments.console import quiet_workers
 
     keep_nannies()
@@ -99,20 +99,23 @@ def _start_local_cluster():
     from distributed import LocalCluster
 
     return LocalCluster(
-        n_workers=local_worker_count(), threads_per_worker=1, processes=True, **common
+        n_workers=max(workers or 0, local_worker_count()), threads_per_worker=1, processes=True, **common
     )
 
 
-def scheduler_address(dask_address: str | None = None) -> str:
-    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local cluster."""
+def scheduler_address(dask_address: str | None = None, workers: int | None = None) -> str:
+    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local
+    cluster (with at least ``workers`` worker processes on a CPU machine, when given)."""
     global _LOCAL
     address = dask_address or os.environ.get("SWARM_DASK_ADDRESS")
     if address:
         return address if "://" in address else f"tcp://{address}"
     with _LOCK:
         if _LOCAL is None:
-            _LOCAL = _start_local_cluster()
+            _LOCAL = _start_local_cluster(workers)
             atexit.register(close_local_cluster)
+        elif workers and not gpu_count() and len(_LOCAL.workers) < workers:
+            _LOCAL.scale(workers)
         return _LOCAL.scheduler_address
 
 

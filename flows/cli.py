@@ -178,12 +178,13 @@ def _serve_model(app: typer.Typer) -> None:
     @config_command(app, "serve-model", [Section.of("config", ServeConfig)], arguments=("model",),
                     aliases=("serve",))
     def serve_model(config: dict) -> None:
-        """Serve a model over HTTP: batched requests across replicas, until Ctrl-C or SIGTERM (drains first)."""
+        """Serve a model over HTTP: batched requests routed to replicas on Dask workers (or threads with
+        --in-process), until Ctrl-C or SIGTERM (drains first)."""
         from flows.summaries import print_served, print_serving
         from tasks.inference.server import serve as run_server
 
         config = ServeConfig(**config)
-        served = run_server(config, on_ready=lambda url: print_serving(config.model, url))
+        served = run_server(config, on_ready=lambda url, description: print_serving(config.model, url, description))
         print_served(served, config.max_batch_size)
 
 

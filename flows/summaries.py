@@ -175,9 +175,12 @@ def print_infer_summary(result) -> None:
     )
 
 
-def print_serving(model: str, url: str) -> None:
+def print_serving(model: str, url: str, description: dict | None = None) -> None:
     out.print(f"serving {model} at {url} (POST /predict, GET /health, GET /metrics); Ctrl-C to stop",
               highlight=False, soft_wrap=True)
+    for place in (description or {}).get("placement", []):
+        out.print(f"  replica {place['replica']} on {place['worker']} (pid {place.get('pid')}, "
+                  f"{place.get('device')}, kernel {place.get('kernel')})", highlight=False, soft_wrap=True)
     sys.stdout.flush()
 
 
