@@ -103,6 +103,15 @@ def _start_local_cluster(workers: int | None = None):
     )
 
 
+def with_serving_cluster(config):
+    """A serving config (``tasks.inference.config.ServeConfig``) whose replicas have a Dask
+    scheduler: its own ``dask_address``, ``$SWARM_DASK_ADDRESS``, or this process's local
+    cluster of worker processes, started here with a worker per replica at most."""
+    if config.in_process or config.dask_address or os.environ.get("SWARM_DASK_ADDRESS"):
+        return config
+    return config.model_copy(update={"dask_address": scheduler_address(None, workers=config.replica_bounds[1])})
+
+
 def scheduler_address(dask_address: str | None = None, workers: int | None = None) -> str:
     """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local
     cluster (with at least ``workers`` worker processes on a CPU machine, when given)."""

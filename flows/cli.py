@@ -183,7 +183,9 @@ def _serve_model(app: typer.Typer) -> None:
         from flows.summaries import print_served, print_serving
         from tasks.inference.server import serve as run_server
 
-        config = ServeConfig(**config)
+        from deployments.cluster import with_serving_cluster
+
+        config = with_serving_cluster(ServeConfig(**config))
         served = run_server(config, on_ready=lambda url, description: print_serving(config.model, url, description))
         print_served(served, config.max_batch_size)
 
