@@ -2,8 +2,8 @@
 
 The corpus is the Python standard library's own ``.py`` sources (``python-stdlib``: no
 download), tokenized with a byte-level BPE fitted on it and packed into blocks as the data
-contract says (documents joined by end-of-text, cut into ``--seq-len`` blocks). Until text
-staging is on main the bench packs and writes the dataset itself (``tests.lm_data``).
+contract says (documents joined by end-of-text, cut into ``--seq-len`` blocks), staged by the
+product's own text staging (``tasks.staging.stage_here``).
 
 Compared, with the same GPT config, per-rank batch and one thread per rank:
 
@@ -38,38 +38,16 @@ sys.path.insert(0, str(ROOT))
 GPT = {"d_model": 128, "n_layers": 4, "n_heads": 4}
 
 
-def stdlib_texts(max_bytes: int) -> list[str]:
-    """The standard library's .py sources, one document per file, in path order, up to ``max_bytes``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        total += len(text)
-        if total >= max_bytes:
-            break
-    return texts
-
-
 def stage_corpus(dest: str, tokens: int, seq_len: int, vocab: int = 4096, val_fraction: float = 0.05) -> dict:
-    """Stage about ``tokens`` tokens of python-stdlib as packed blocks; returns the metadata."""
-    from tests.lm_data import pack, train_tokenizer, write_token_dataset
+    """Stage about ``tokens`` tokens of the built-in python-stdlib as packed blocks, through the
+    product's own text staging (a byte-level BPE fitted on the train split); returns the metadata."""
+    from storage.dataset import Dataset
+    from tasks.staging import StageConfig, stage_here
 
-    texts = stdlib_texts(tokens * 4)  # ~3.5 characters per token for code at this vocabulary
-    tok = train_tokenizer(texts, vocab)
-    eot, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
-    ids = [e.ids for e in tok.encode_batch(texts)]
-    n_val = max(1, int(len(ids) * val_fraction))
-    meta = {"vocab_size": tok.get_vocab_size(), "eot_id": eot, "pad_id": pad, "documents": len(ids),
-            "tokens": sum(len(d) + 1 for d in ids)}
-    write_token_dataset(dest, {"train": pack(ids[n_val:], seq_len, eot, pad), "val": pack(ids[:n_val], seq_len, eot, pad)},
-                        meta, tok.to_str(), rows_per_shard=1024)
-    return meta
+    files = max(2, tokens // 500)  # the first files in path order hold ~500-600 tokens each
+    stage_here(StageConfig(source=f"python-stdlib?max_files={files}", dest=dest, vocab_size=vocab, seq_len=seq_len,
+                           val_fraction=val_fraction))
+    return Dataset.open(dest).manifest.metadata
 
 
 def plain_loop(dataset: str, seq_len: int, vocab: int, batch: int, steps: int, lr: float) -> float:

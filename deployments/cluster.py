@@ -40,6 +40,27 @@ def gpu_count() -> int:
     return count
 
 
+#: The CUDA caching allocator's settings for GPU workers: expandable segments grow a segment in
+#: place instead of leaving fragments of fixed-size ones (fewer out-of-memory errors from
+#: fragmentation when batch shapes vary, as in adaptive inference). A user's own
+#: ``PYTORCH_CUDA_ALLOC_CONF`` wins.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def gpu_worker_env() -> dict[str, str]:
+    """Environment for GPU worker processes, set where they start (the CUDA allocator reads it once)."""
+    return {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or CUDA_ALLOC_CONF}
+
+
+def configure_gpu_workers():
+    """Worker processes this process's nannies start from now on get :func:`gpu_worker_env`
+    (through Dask's ``pre-spawn-environ``, which dask-cuda's own ``env`` does not replace).
+    Used as a context manager, only within the block."""
+    import dask
+
+    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in gpu_worker_env().items()})
+
+
 def local_worker_count() -> int:
     return max(1, int(os.environ.get("SWARM_WORKERS", 0)) or os.cpu_count() or 1)
 
@@ -59,7 +80,7 @@ def keep_nannies() -> None:
     dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT})
 
 
-def _start_local_cluster():
+def _start_local_cluster(workers: int | None = None):
     from deployments.console import quiet_workers
 
     keep_nannies()
@@ -73,24 +94,37 @@ def _start_local_cluster():
                 f"{gpus} GPU(s) found but dask-cuda is not installed; install the GPU extra: "
                 "pip install 'swarm-pipelines[gpu]' (or set CUDA_VISIBLE_DEVICES= to use the CPU)"
             ) from None
+        configure_gpu_workers()
         return LocalCUDACluster(resources={"GPU": 1}, threads_per_worker=1, **common)
     from distributed import LocalCluster
 
     return LocalCluster(
-        n_workers=local_worker_count(), threads_per_worker=1, processes=True, **common
+        n_workers=max(workers or 0, local_worker_count()), threads_per_worker=1, processes=True, **common
     )
 
 
-def scheduler_address(dask_address: str | None = None) -> str:
-    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local cluster."""
+def with_serving_cluster(config):
+    """A serving config (``tasks.inference.config.ServeConfig``) whose replicas have a Dask
+    scheduler: its own ``dask_address``, ``$SWARM_DASK_ADDRESS``, or this process's local
+    cluster of worker processes, started here with a worker per replica at most."""
+    if config.in_process or config.dask_address or os.environ.get("SWARM_DASK_ADDRESS"):
+        return config
+    return config.model_copy(update={"dask_address": scheduler_address(None, workers=config.replica_bounds[1])})
+
+
+def scheduler_address(dask_address: str | None = None, workers: int | None = None) -> str:
+    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local
+    cluster (with at least ``workers`` worker processes on a CPU machine, when given)."""
     global _LOCAL
     address = dask_address or os.environ.get("SWARM_DASK_ADDRESS")
     if address:
         return address if "://" in address else f"tcp://{address}"
     with _LOCK:
         if _LOCAL is None:
-            _LOCAL = _start_local_cluster()
+            _LOCAL = _start_local_cluster(workers)
             atexit.register(close_local_cluster)
+        elif workers and not gpu_count() and len(_LOCAL.workers) < workers:
+            _LOCAL.scale(workers)
         return _LOCAL.scheduler_address
 
 

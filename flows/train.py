@@ -31,9 +31,9 @@ from tasks.training import (
     RankResult,
     TrainConfig,
     TrainPlan,
-    clear_checkpoints,
+    clear_checkpoints_task,
     gang_key,
-    latest_checkpoint,
+    latest_checkpoint_task,
     prepare_training_task,
     train_rank_task,
 )
@@ -81,7 +81,7 @@ def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[Ra
         workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 and not restarted else 90,
                                resource="GPU" if gpu else None)
         port = free_port_on(client, workers[0]) if config.world_size > 1 else 0
-        resume_from = latest_checkpoint(config)
+        resume_from = latest_checkpoint_task(config)
         jobs = [
             RankJob(config, plan.model_name, plan.model_args, plan.columns, rank, config.world_size,
                     host_of(workers[0]), port, attempt, resume_from, token, lm=plan.lm)
@@ -142,7 +142,7 @@ def train_model(config: TrainConfig) -> TrainResult:
         _take_over(runner.client, config, uuid.uuid4().hex)
     plan = prepare_training_task(config)
     if not config.resume:
-        clear_checkpoints(config)
+        clear_checkpoints_task(config)
     results = _run_group_with_retries(config, plan)
     main = results[0]
     last = main.history[-1]

@@ -111,6 +111,10 @@ class MicroBatcher:
         self._wake.set()
         return future
 
+    def poke(self) -> None:
+        """Executors changed (one freed or added): look for a free one again."""
+        self._wake.set()
+
     def drain(self) -> None:
         """Run waiting rows as soon as an executor is free, without waiting for deadlines."""
         self._draining = True

@@ -1,4 +1,6 @@
-"""Serving parameters: ``swarm serve`` and :func:`tasks.inference.server.serve`."""
+"""Inference parameters: online serving (``ServeConfig``: ``swarm serve-model`` and
+:func:`tasks.inference.server.serve`) and offline batch inference (``InferConfig``:
+``batch_inference`` and ``swarm infer``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.staging import check_storage_options
+from tasks.fields import Codec
+from tasks.storage_access import StorageAccess, check_storage_options
 
 
 class ServeConfig(BaseModel):
@@ -16,7 +19,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(description="Checkpoint URL: a ckpt-* folder, or a checkpoint root (its latest)")
-    replicas: int = Field(1, ge=1, le=64, description="Model replicas, each on its own thread")
+    replicas: int = Field(1, ge=1, le=64, description=(
+        "Model replicas: each on its own Dask worker (threads in this process with --in-process); "
+        "with autoscaling, how many start"))
     max_batch_size: int = Field(32, ge=1, le=65_536, description="Rows per batch at most")
     max_wait_ms: float = Field(5.0, ge=0, le=60_000, description="How long a batch waits to fill once it has a row")
     max_queue_rows: int = Field(1024, ge=1, description="Rows waiting for a batch at most; more get HTTP 429")
@@ -33,6 +38,25 @@ class ServeConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Interface to bind")
     port: int = Field(8000, ge=0, le=65_535, description="Port (0: a free one)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    in_process: bool = Field(False, description=(
+        "Replicas as threads in this process (the smallest setups) instead of on Dask worker processes"))
+    dask_address: str | None = Field(None, description=(
+        "Dask scheduler to place replicas on (default: $SWARM_DASK_ADDRESS, else a local cluster of worker processes)"))
+    min_replicas: int | None = Field(None, ge=1, le=64, description="Autoscaling: replicas at least (default: --replicas)")
+    max_replicas: int | None = Field(None, ge=1, le=64, description="Autoscaling: replicas at most (default: --replicas)")
+    target_ongoing: float = Field(16.0, gt=0, description=(
+        "Autoscaling: outstanding requests per replica to aim for (more scales up, fewer scales down)"))
+    upscale_delay_s: float = Field(2.0, ge=0, description="Autoscaling: load must stay over the target this long to add replicas")
+    downscale_delay_s: float = Field(10.0, ge=0, description=(
+        "Autoscaling: load must stay under the target this long to remove a replica (drained first)"))
+    autoscale_window_s: float = Field(1.0, gt=0, le=600, description=(
+        "Autoscaling: outstanding requests are averaged over this many seconds (requests come in bursts)"))
+    replica_batches: int = Field(2, ge=1, le=64, description=(
+        "Batches sent to one replica at once (one computes while the next travels); its queue holds no more"))
+    probe_interval_s: float = Field(1.0, gt=0, description="How often each replica's health is probed")
+    probe_timeout_s: float = Field(10.0, gt=0, description=(
+        "A replica that answers no probe or batch for this long is taken out of rotation and replaced"))
+    replica_start_timeout_s: float = Field(180.0, gt=0, description="How long a replica may take to load on its worker")
 
     @field_validator("storage_options")
     @classmethod
@@ -46,7 +70,18 @@ class ServeConfig(BaseModel):
                 f"max_request_rows ({self.max_request_rows}) must not exceed max_queue_rows ({self.max_queue_rows}): "
                 "such a request could never be queued"
             )
+        low, high = self.min_replicas or self.replicas, self.max_replicas or self.replicas
+        if not low <= self.replicas <= high:
+            raise ValueError(f"replicas ({self.replicas}) must lie between min_replicas ({low}) and max_replicas ({high})")
+        if self.in_process and (low != high or self.dask_address):
+            raise ValueError("in_process replicas are threads of this process: they neither autoscale "
+                             "(min_replicas/max_replicas) nor use a dask_address")
         return self
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(min, max) replicas: autoscaling when they differ."""
+        return self.min_replicas or self.replicas, self.max_replicas or self.replicas
 
     @property
     def max_wait_s(self) -> float:
@@ -54,3 +89,31 @@ class ServeConfig(BaseModel):
 
     def replica_threads(self) -> int:
         return self.threads_per_replica or max(1, (os.cpu_count() or 1) // self.replicas)
+
+
+class InferOptions(BaseModel):
+    """How to run the model over the data (shared with the lifecycle flow)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    split: str | None = Field(None, description="Split to predict (default: every split)")
+    max_batch_size: int = Field(1024, ge=1, le=1_000_000, description="Rows per model call at most")
+    initial_batch_size: int = Field(32, ge=1, description="Where the adaptive batch size starts")
+    adaptive: bool = Field(True, description="Adapt the batch size (else every batch has max_batch_size rows)")
+    latency_target_ms: float | None = Field(None, gt=0, description="Stop growing batches whose compute passes this")
+    memory_cap_mb: float | None = Field(None, gt=0, description="Batches whose activations pass this count as OOM")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the worker's GPU when it has one")
+    kernel: Literal["auto", "eager"] = Field(
+        "auto", description="CPU: auto tries oneDNN against eager per task and keeps the faster; eager: the model as is")
+    probabilities: bool = Field(False, description="Also write each row's class probabilities")
+    codec: Codec = Field("zstd", description="Codec of the prediction shards")
+
+
+class InferTarget(BaseModel):
+    model: str = Field(description="Model: an optimized model folder, a checkpoint folder, or a checkpoint root")
+    dataset: str = Field(description="Staged dataset to predict")
+    output: str = Field(description="Where the prediction dataset goes (any fsspec URL)")
+
+
+class InferConfig(StorageAccess, InferOptions, InferTarget):
+    """Parameters of ``batch_inference`` and ``swarm infer``."""

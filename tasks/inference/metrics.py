@@ -21,7 +21,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class ServeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, service: "InferenceService", max_batch_size: int):
+    def __init__(self, service: "InferenceService", max_batch_size: int, state: "StateCollector | None" = None):
         self.registry = CollectorRegistry(auto_describe=True)
         size_buckets = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
         self.requests = Counter("swarm_serve_requests", "HTTP prediction requests by status code", ["code"],
@@ -35,7 +35,7 @@ class ServeMetrics:
                                         registry=self.registry)
         self.batch_seconds = Histogram("swarm_serve_batch_compute_seconds", "Model compute time per batch",
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_StateCollector(service))
+        self.registry.register(state or StateCollector(service))
 
     def request_done(self, code: int, seconds: float, rows: int = 0) -> None:
         self.requests.labels(str(code)).inc()
@@ -54,7 +54,9 @@ class ServeMetrics:
         return generate_latest(self.registry)
 
 
-class _StateCollector:
+class StateCollector:
+    """The front's state (queue, in-flight work) and each thread replica's, read when scraped."""
+
     def __init__(self, service: "InferenceService"):
         self.service = service
 
@@ -67,6 +69,10 @@ class _StateCollector:
         yield _gauge("swarm_serve_requests_in_flight", "Requests accepted and not yet answered", s.requests_in_flight)
         yield _gauge("swarm_serve_batches_in_flight", "Batches running on replicas", s.batcher.in_flight_batches)
         yield _gauge("swarm_serve_draining", "1 while shutting down", int(s.draining))
+        yield from self.replicas()
+
+    def replicas(self) -> Iterator:
+        s = self.service
         per_replica = {
             "swarm_serve_replica_in_flight_rows": (GaugeMetricFamily, "Rows running or queued on a replica",
                                                    lambda r, c: r.in_flight_rows),

@@ -43,13 +43,23 @@ from tasks.inference.batcher import BatcherClosed, QueueFull
 from tasks.inference.config import ServeConfig
 from tasks.inference.inputs import PayloadError
 from tasks.inference.predict import softmax
-from tasks.inference.service import InferenceService
+from tasks.inference.router import NoReplica
+from tasks.inference.service import BatchingFront, InferenceService
 
 log = logging.getLogger("swarm.serve")
 FIELDS = ("inputs", "probabilities")
 
 
-def create_app(service: InferenceService) -> Starlette:
+def make_service(config: ServeConfig) -> BatchingFront:
+    """Thread replicas in this process (``in_process``), else replicas on Dask workers."""
+    if config.in_process:
+        return InferenceService(config)
+    from tasks.inference.cluster_service import ClusterInferenceService
+
+    return ClusterInferenceService(config)
+
+
+def create_app(service: BatchingFront) -> Starlette:
     config = service.config
 
     async def predict(request: Request) -> Response:
@@ -71,7 +81,7 @@ def create_app(service: InferenceService) -> Starlette:
         except QueueFull as exc:
             code = 429
             return _error(code, f"{exc}; retry later", headers={"Retry-After": "1"})
-        except BatcherClosed as exc:
+        except (BatcherClosed, NoReplica) as exc:
             code = 503
             return _error(code, str(exc))
         except Exception as exc:  # noqa: BLE001 - the batch failed: say why, keep serving
@@ -152,7 +162,7 @@ def _error(code: int, message: str, headers: dict | None = None) -> JSONResponse
 class ServingServer(uvicorn.Server):
     """uvicorn's server, draining the batcher as soon as shutdown begins."""
 
-    def __init__(self, config: uvicorn.Config, service: InferenceService, on_ready: Callable[[], None] | None = None):
+    def __init__(self, config: uvicorn.Config, service: BatchingFront, on_ready: Callable[[], None] | None = None):
         super().__init__(config)
         self.service = service
         self.on_ready = on_ready
@@ -262,20 +272,26 @@ class Served:
     batch_sizes: list  # each replica's adaptive batch size report (None without --adaptive)
 
 
-def _server(config: ServeConfig, on_ready: Callable[[str], None] | None = None):
-    service = InferenceService(config)
+def _server(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = None):
+    # Bound first: a port in use is found before replicas start on a cluster.
     sock = bind(config.host, config.port)
+    try:
+        service = make_service(config)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     uv_config = uvicorn.Config(create_app(service), http=_http_protocol(), log_level="warning", access_log=False,
                                lifespan="on", timeout_keep_alive=30, backlog=4096,
                                h11_max_incomplete_event_size=MAX_HEAD_BYTES)
-    server = ServingServer(uv_config, service, (lambda: on_ready(url)) if on_ready else None)
+    server = ServingServer(uv_config, service, (lambda: on_ready(url, service.describe())) if on_ready else None)
     return server, sock, url
 
 
-def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> Served:
-    """Serve until SIGINT/SIGTERM, then drain; ``on_ready(url)`` once it accepts requests."""
+def serve(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = None) -> Served:
+    """Serve until SIGINT/SIGTERM, then drain; ``on_ready(url, description)`` once it accepts
+    requests (the description is ``/health``'s: replicas, their placement ...)."""
     server, sock, url = _server(config, on_ready)
     # Everything loaded so far (torch, prefect, the model: ~250k objects) lives as long as
     # the process; taken out of the collector's view, a full collection no longer stalls
@@ -288,7 +304,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     finally:
         sock.close()
     service = server.service
-    return Served(url, service.answered, time.monotonic() - began, [c.report() if c else None for c in service.controllers])
+    return Served(url, service.answered, time.monotonic() - began, service.batch_size_reports())
 
 
 class BackgroundServer:
@@ -296,7 +312,7 @@ class BackgroundServer:
 
     def __init__(self, config: ServeConfig, timeout: float = 60.0):
         ready = threading.Event()
-        self.server, self._sock, self.url = _server(config, lambda _url: ready.set())
+        self.server, self._sock, self.url = _server(config, lambda _url, _description: ready.set())
         self.service = self.server.service
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="swarm-serve", daemon=True)

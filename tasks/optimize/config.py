@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.staging import StorageAccess
+from tasks.storage_access import StorageAccess
 
 Quantize = Literal["int8-dynamic", "int8-weight-only"]
 DType = Literal["bf16", "fp16"]

@@ -21,7 +21,7 @@ from torch import nn
 
 from storage.errors import ConfigError
 from tasks.models import build_model
-from tasks.optimize import prune_lm
+import tasks.optimize.prune_lm as prune_lm
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -15,6 +15,7 @@ from tasks.models import build_model, default_model, infer_args
 from tasks.models.hf import is_hf
 from tasks.training.config import TrainConfig, TrainOptions
 from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
+from tasks.step_status import StepStatus, keyed_status
 from tasks.training.lm import LMSpec
 from tasks.training.lm_data import check_model, lm_spec, resolve_task
 from tasks.training.rank import RankJob, RankResult, gang_key, train_rank
@@ -211,3 +212,22 @@ def train_rank_task(job: RankJob) -> RankResult:
     """Run one DDP rank; a failure fails the whole group, which is retried as one."""
     reporter = PrefectReporter(f"training {job.model_name} on {job.world_size} rank(s)") if job.rank == 0 else None
     return train_rank(job, reporter)
+
+
+@task(name="train-status", cache_policy=NO_CACHE)
+def train_status_task(cfg: TrainConfig, checkpoints_prefix: str) -> StepStatus:
+    """The training's content key, its checkpoint folder (``checkpoints_prefix`` + key), and
+    whether that folder holds the end-of-training checkpoint."""
+    return keyed_status(cfg, "checkpoint_dir", checkpoints_prefix, train_identity, training_finished)
+
+
+@task(name="clear-checkpoints", cache_policy=NO_CACHE)
+def clear_checkpoints_task(cfg: TrainConfig) -> None:
+    """``--no-resume``: remove the folder's checkpoints before the first attempt."""
+    clear_checkpoints(cfg)
+
+
+@task(name="latest-checkpoint", cache_policy=NO_CACHE)
+def latest_checkpoint_task(cfg: TrainConfig) -> str | None:
+    """The newest intact checkpoint to resume from, if any."""
+    return latest_checkpoint(cfg)

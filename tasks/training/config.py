@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.staging import StorageAccess
+from tasks.storage_access import StorageAccess
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 
@@ -23,15 +23,15 @@ class TrainOptions(BaseModel):
     model_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory")
     feature_column: str | None = Field(None, description="Input column (default: from the dataset's metadata)")
     label_column: str | None = Field(None, description="Label column (default: from the metadata, else 'label')")
-    epochs: int = Field(15, ge=1, le=100_000)
+    epochs: int = Field(15, ge=1, le=100_000, description="Passes over the training split")
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Per-rank batch size")
-    lr: float = Field(3e-3, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(3e-3, gt=0, le=10, description="Learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     precision: Precision = Field("fp32", description="fp32 | bf16-mixed | fp16-mixed (fp16 needs CUDA)")
     world_size: int = Field(1, ge=1, le=4096, description="Ranks, each on its own Dask worker")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0: at epoch ends only)")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of the model's initial weights and the data order")
     seq_len: int | None = Field(None, ge=2, le=1_048_576,
                                 description="causal-lm: tokens per training block (default: the dataset's packed length)")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step")
@@ -44,12 +44,24 @@ class TrainOptions(BaseModel):
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward (gpt, hf: models)")
     lora_rank: int | None = Field(None, ge=1, le=1024, description="Train LoRA adapters of this rank")
     lora_targets: str | None = Field(None, description="Regex of module names that get adapters")
-    lora_alpha: float = Field(16.0, gt=0)
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
     grad_compression: Literal["none", "fp16", "bf16"] = Field("none", description="DDP gradient compression hook")
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
-    threads_per_rank: int = Field(1, ge=1, le=256)
+    threads_per_rank: int = Field(1, ge=1, le=256, description="torch threads per rank")
     max_retries: int = Field(2, ge=0, le=20, description="Whole-group retries after a rank fails")
     timeout_s: float = Field(120.0, gt=0, description="Process-group init and collective timeout")
+    compile: bool | None = Field(
+        None, description="Capture the training step (CUDA graph / torch.compile); default: on for CUDA, off on "
+                          "CPU (measured slower there, see BENCHMARKS.md)")
+    step_capture: Literal["graph", "compile"] = Field(
+        "graph", description="How a compiled step is captured on CUDA: graph (forward, backward and fused AdamW as one "
+                             "CUDA graph; one rank, no fp16 scaler, else compile) | compile (torch.compile "
+                             "reduce-overhead)")
+    sync_every: int = Field(50, ge=1, le=1_000_000,
+                            description="Read the device-side training metrics every N steps (and at epoch end)")
+    device_batches: Literal["auto", "host", "device"] = Field(
+        "auto", description="Where batches are gathered: device (each shuffle window copied to the GPU once, batches "
+                            "gathered there) | host | auto (device on CUDA when two windows fit in device memory)")
 
     @model_validator(mode="after")
     def _lora_pair(self) -> "TrainOptions":

@@ -152,3 +152,56 @@ def test_ui_run_button_starts_a_deployment(deployed, prefect_api, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     for png in (shot, tmp_path / "ui-run-form.png"):
         shutil.copy(png, artifacts / png.name)
+
+
+def test_gpu_workers_start_with_expandable_segments_unless_the_user_says_otherwise(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from deployments import cluster
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert cluster.gpu_worker_env() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert cluster.gpu_worker_env() == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    with cluster.configure_gpu_workers():  # Dask's config changed only inside this block
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, \
+                Client(local) as client:
+            seen = client.run(lambda: __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    assert list(seen.values()) == ["expandable_segments:True"], "set in the worker process where it starts"
+
+
+def test_serving_endpoint_runs_until_its_run_is_cancelled(deployed, digits_checkpoint):
+    """The serve-digits deployment: a long-running flow run serves HTTP; cancelling it stops the endpoint."""
+    import httpx
+    from prefect.states import Cancelling
+
+    from deployments.runtime import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    dep = _deployment("serve-endpoint/serve-digits")
+    with _client() as client:
+        run = client.create_flow_run_from_deployment(
+            dep.id, parameters={"config": {"model": digits_checkpoint, "replicas": 1, "port": port}})
+    deadline = time.monotonic() + 240
+    health = None
+    while health is None:
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the endpoint never answered"
+            with _client() as client:
+                state = client.read_flow_run(run.id).state
+            assert not state.is_final(), f"the serving run ended before it served: {state}"
+            time.sleep(1)
+    assert health["status"] == "ok" and health["placement"][0]["state"] == "up"
+    answer = httpx.post(f"{url}/predict", json={"inputs": [[0.0] * 64]}, timeout=30)
+    assert answer.status_code == 200
+    with _client() as client:
+        assert client.read_flow_run(run.id).state.is_running()
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+    final = wait_final(run.id, timeout=120)
+    assert final.state.is_cancelled(), final.state
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=5)

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -41,10 +42,23 @@ def val_rows(checkpoint, digits_dataset):
     return x, np.stack(alone)
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
+MODES = ["in-process", "cluster"]
+
+
+def mode_options(request, mode: str) -> dict:
+    """ServeConfig options for thread replicas in the test process, or replicas on the
+    session's Dask worker processes behind the router."""
+    if mode == "in-process":
+        return {"in_process": True}
+    request.getfixturevalue("dask_cluster")  # sets SWARM_DASK_ADDRESS
+    return {"in_process": False, "probe_interval_s": 0.5}
+
+
+@pytest.fixture(scope="module", params=MODES)
+def server(checkpoint, request):
     with BackgroundServer(ServeConfig(model=checkpoint, port=0, replicas=2, max_batch_size=16, max_wait_ms=5,
-                                      max_request_rows=32, max_body_bytes=64 * 1024)) as srv:
+                                      max_request_rows=32, max_body_bytes=64 * 1024,
+                                      **mode_options(request, request.param))) as srv:
         yield srv
 
 
@@ -58,10 +72,12 @@ def metric(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def test_batched_answers_equal_the_model_on_each_row_alone(checkpoint, val_rows):
+@pytest.mark.parametrize("mode, replicas", [("in-process", 2), ("cluster", 1), ("cluster", 2), ("cluster", 4)])
+def test_batched_answers_equal_the_model_on_each_row_alone(checkpoint, val_rows, request, mode, replicas):
     x, alone = val_rows
     # Batches close when full (a long wait), so under this load many requests share each batch.
-    config = ServeConfig(model=checkpoint, port=0, replicas=2, max_batch_size=16, max_wait_ms=1000)
+    config = ServeConfig(model=checkpoint, port=0, replicas=replicas, max_batch_size=16, max_wait_ms=1000,
+                         **mode_options(request, mode))
     singles = [{"inputs": x[i:i + 1].tolist(), "probabilities": True} for i in range(len(x))]
     triples = [{"inputs": x[i:i + 3].reshape(3, 1, 8, 8).tolist(), "probabilities": True}  # nested rows too
                for i in range(0, 60, 3)]
@@ -81,10 +97,17 @@ def test_batched_answers_equal_the_model_on_each_row_alone(checkpoint, val_rows)
     requests, batches = len(responses), metric(text, "swarm_serve_batch_size_count")
     assert metric(text, "swarm_serve_batch_size_sum") == len(x) + 60
     assert batches < requests / 2, "requests were batched"
-    assert metric(text, 'swarm_serve_replica_batches_total{replica="1"}') > 0, "both replicas served"
+    for replica in range(replicas):
+        assert metric(text, f'swarm_serve_replica_batches_total{{replica="{replica}"}}') > 0, "every replica served"
     assert metric(text, "swarm_serve_requests_total") == requests
     assert health.status_code == 200
     assert any(r["tried"] for r in health.json()["batch_sizes"]), "the adaptive batch size reports its trials"
+    if mode == "cluster":
+        placement = health.json()["placement"]
+        assert [p["state"] for p in placement] == ["up"] * replicas
+        workers = [p["worker"] for p in placement]
+        assert len(set(workers)) == min(replicas, 2), f"replicas spread over the cluster's 2 workers: {workers}"
+        assert all(p["pid"] != os.getpid() for p in placement), "replicas run in worker processes"
 
 
 TOO_BIG = json.dumps({"inputs": [[0.5] * 64] * 300}).encode()  # 413 by size before its rows are counted
@@ -152,11 +175,12 @@ def test_health_and_metrics(server):
         assert name in text.text
 
 
-def test_full_queue_gets_429_and_stop_answers_every_accepted_request(checkpoint, val_rows):
+@pytest.mark.parametrize("mode", MODES)
+def test_full_queue_gets_429_and_stop_answers_every_accepted_request(checkpoint, val_rows, request, mode):
     x, alone = val_rows
     # Batches would wait a minute to fill: the 4 accepted rows sit in the queue until stop() drains it.
     config = ServeConfig(model=checkpoint, port=0, max_batch_size=64, max_wait_ms=60_000, max_queue_rows=4,
-                         max_request_rows=4)
+                         max_request_rows=4, **mode_options(request, mode))
     srv = BackgroundServer(config)
 
     async def scenario():
@@ -180,10 +204,12 @@ def test_full_queue_gets_429_and_stop_answers_every_accepted_request(checkpoint,
     assert [a.json()["predictions"][0] for a in answers] == alone[:4].argmax(1).tolist()
 
 
-def test_memory_cap_backs_off_and_answers_correctly(checkpoint, val_rows):
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_cap_backs_off_and_answers_correctly(checkpoint, val_rows, request, mode):
     x, alone = val_rows
     # The digits MLP needs ~1.8 KB of activations per row: the cap fits 4 rows, the first batch tries 8.
-    config = ServeConfig(model=checkpoint, port=0, max_batch_size=64, max_wait_ms=1, memory_cap_mb=0.0075)
+    config = ServeConfig(model=checkpoint, port=0, max_batch_size=64, max_wait_ms=1, memory_cap_mb=0.0075,
+                         **mode_options(request, mode))
     with BackgroundServer(config) as srv:
         response = httpx.post(f"{srv.url}/predict", json={"inputs": x[:40].tolist()}, timeout=60)
         health = httpx.get(f"{srv.url}/health").json()
