@@ -13,7 +13,7 @@ Compared, with the same GPT config, per-rank batch and one thread per rank:
 * nanoGPT's way: one process reading random blocks from a NumPy memmap of the same
   tokens, ``loss = cross_entropy(model(x), y)``, AdamW, tokens/s after 10 warm-up steps
   over as many steps as one epoch of ours; run before and after our runs, averaged (the
-  load of a shared machine drifts).
+  load of a shared machine drifts; the 1-rank fp32 flow likewise runs first and last).
 
     .venv/bin/python benchmarks/lm_bench.py [--tokens 60000] [--seq-len 128] [--epochs 2]
 
@@ -134,9 +134,11 @@ def main() -> None:
 
         # The plain loop runs before and after the flows: on a shared machine the load drifts.
         plain_before = plain_run("before")
-        one, _ = run("flow, 1 rank fp32", world_size=1)
+        one_before, _ = run("flow, 1 rank fp32", world_size=1)
         two, _ = run("flow, 2 ranks fp32", world_size=2)
         bf16, _ = run("flow, 1 rank bf16-mixed", world_size=1, precision="bf16-mixed")
+        one_after, _ = run("flow, 1 rank fp32, again", world_size=1)
+        one = (one_before + one_after) / 2
         plain = (plain_before + plain_run("after")) / 2
         summary = {
             "lm_scaling_2_vs_1": round(two / one, 3),
