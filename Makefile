@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.swarm-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test reliability bench install clean
+.PHONY: run test reliability bench loader-bench bench-text install clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,35 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt --no-deps "$(MDS)"
 	$(BIN)/python benchmarks/stage_bench.py $(BENCH_ARGS)
 
+# benchmarks/loader_bench.py with its peers (MosaicML Streaming, Ray Data) in a venv of its own:
+# torch pinned first, the peers constrained to it, so neither replaces it (checked after).
+BENCH_VENV ?= .venv-bench
+RAY        ?= ray[data]==2.60.0
+BENCH_STAMP := $(BENCH_VENV)/.loader-bench-installed
+
+$(BENCH_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(BENCH_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(BENCH_VENV)/torch-pin.txt
+	$(BENCH_VENV)/bin/python -c "import torch; print(torch.__version__)" > $(BENCH_VENV)/torch-build.txt
+	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/torch-pin.txt -e '.[test,bench]'
+	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/torch-pin.txt --no-deps "$(MDS)"
+	$(BENCH_VENV)/bin/python -m pip install -q -c $(BENCH_VENV)/torch-pin.txt "$(RAY)"
+	$(BENCH_VENV)/bin/python -c "import torch, ray; built = open('$(BENCH_VENV)/torch-build.txt').read().strip(); \
+		assert torch.__version__ == built, f'torch {torch.__version__} replaced {built}'"
+	touch $@
+
+loader-bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/loader_bench.py $(BENCH_ARGS)
+
+# Text staging with tokenization vs encode_batch and Hugging Face `datasets` (benchmarks/text_bench.py);
+# `datasets` is the benchmark's peer only, installed without replacing torch.
+DATASETS ?= datasets==5.2.0
+TEXT_BENCH_ARGS ?=
+
+bench-text: $(STAMP)
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-pin.txt "$(DATASETS)"
+	$(BIN)/python benchmarks/text_bench.py $(TEXT_BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .swarm swarm-data
+	rm -rf $(VENV) $(BENCH_VENV) .swarm swarm-data

@@ -13,7 +13,7 @@ reports it; a sample of rows is checked against the batch-1 loop's classes. Besi
 rows/s figure, rows per CPU-second (of the worker process, or of the batch-1 loop's
 thread): on a machine shared with other jobs these move far less than wall time does.
 
-Online: benchmarks/serve_bench.py's measurement (its functions): `swarm serve` batched vs
+Online: benchmarks/serve_bench.py's measurement (its functions): `swarm serve-model` batched vs
 unbatched under a closed-loop load.
 
 Model, for both: serve_bench's MLP with wide layers (64 -> 2048 -> 2048 -> 2048 -> 10,
@@ -49,12 +49,11 @@ from benchmarks import serve_bench  # noqa: E402 - after the path is set
 
 
 def stage_images(work: Path, rows: int, shard_size: str) -> str:
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
 
     dataset = str(work / "images")
-    plan = plan_stage(StageConfig(source=f"synthetic-image?rows={rows}&size=8&channels=1", dest=dataset,
-                                  shard_size=shard_size))
-    commit(plan, [write_group(g) for g in group_tasks(plan, 1)], 1.0)
+    stage_here(StageConfig(source=f"synthetic-image?rows={rows}&size=8&channels=1", dest=dataset,
+                           shard_size=shard_size), groups=1)
     return dataset
 
 
@@ -231,7 +230,7 @@ def plot(runs: dict, online_rows: list[dict] | None, path: Path, args) -> None:
                  f"(medians of {args.repeat}, bars min-max)", fontsize=9)
     if online_rows is not None:
         serve_bench.plot_levels(online_rows, axes[0][1], axes[0][2])
-        axes[0][1].set_title(f"online: swarm serve, max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms,"
+        axes[0][1].set_title(f"online: swarm serve-model, max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms,"
                              f"\n1 replica x {args.threads_per_replica} thread (medians of {args.repeat})", fontsize=9)
         axes[0][2].set_title("online: latency", fontsize=9)
     fig.suptitle(f"MLP 64-{args.hidden.replace(',', '-')}-10 (8.5 M parameters), 2 shared CPU cores, no GPU",

@@ -14,7 +14,12 @@ hold raw buffers) and ``synthetic-tokens`` (256 int32 tokens a row; zstd to ~1/3
   ``StreamingDataset`` on the same samples (MDS, uncompressed), both through a
   ``DataLoader`` with the same workers and batch size; and against the ceiling, a plain
   pyarrow read of the same shard files into tensors (best of 1 and ``--workers``
-  threads), with our loader in this process: the ``StreamingDataset`` iterated directly
+  threads: the *sequential* ceiling); against the *shuffled* ceiling, the same files
+  read with pyarrow (memory-mapped, the decoded tier) and gathered with NumPy into the
+  same batches in the same order (``storage.order``), nothing else: the least work that
+  produces our output; and against Ray Data (``read_parquet`` of the same samples as
+  local Parquet, ``iter_torch_batches`` with a ``--ray-shuffle-buffer``-row local
+  shuffle buffer, ``--workers`` CPUs), with our loader in this process: the ``StreamingDataset`` iterated directly
   (batches made in the loop's thread, shard reads ahead on threads), and through
   ``Prefetcher`` (``num_workers=0``: batches made on a second thread and handed over,
   which pays when the loop computes; see overlap). The loader runs with its defaults
@@ -28,7 +33,9 @@ hold raw buffers) and ``synthetic-tokens`` (256 int32 tokens a row; zstd to ~1/3
   load time per batch (timer slack 1 ns, the remaining overshoot taken off); variants with
   batches of 2048 and with the compute on a CPU core.
 
-The last printed line is one JSON object with every figure.
+The last printed line is one JSON object with every figure. Ray Data and MosaicML are
+benchmark-only peers: ``make loader-bench`` installs them in a venv of their own
+(``BENCH_VENV``, torch pinned first so that neither replaces it) and runs this script.
 """
 
 from __future__ import annotations
@@ -48,16 +55,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.ipc as ipc  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from storage import order  # noqa: E402
+from storage.cache import _content_key  # noqa: E402 - the decoded tier's file names
 from storage.dataset import Dataset  # noqa: E402
 from storage.loader import StreamingDataset  # noqa: E402
 from storage.prefetch import Prefetcher  # noqa: E402
 from storage.urls import url_to_fs  # noqa: E402
-from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group  # noqa: E402
+from tasks.staging import StageConfig, stage_here  # noqa: E402
 
 
 def log(*parts) -> None:
@@ -81,14 +91,13 @@ def start_s3():
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(key, value)
-    from tests.services import MotoS3
+    from deployments.local_s3 import MotoS3
 
     return MotoS3()
 
 
 def stage(source: str, dest: str, options: dict, shard_size: str, groups: int = 2):
-    plan = plan_stage(StageConfig(source=source, dest=dest, shard_size=shard_size, storage_options=options))
-    return commit(plan, [write_group(g) for g in group_tasks(plan, groups)], 1.0)
+    return stage_here(StageConfig(source=source, dest=dest, shard_size=shard_size, storage_options=options), groups)
 
 
 def import_mosaic():
@@ -176,6 +185,75 @@ def ceiling(files: list[str], feature: str, shape: list[int], threads: int, args
             return sum(pool.map(read, files))
 
     seconds, n = best(args.repeats, run)
+    return n / seconds
+
+
+def shuffled_ceiling(files: list[str], ds: StreamingDataset, feature: str, shape: list[int]):
+    """One epoch of the shard files read with pyarrow (memory-mapped) and gathered with NumPy
+    into our batches, in our order (``storage.order``): the least work that produces our output."""
+    def run() -> int:
+        features, labels, starts = [], [], [0]
+        for path in files:
+            for batch in ipc.open_file(pa.memory_map(path)).read_all().to_batches():
+                col = batch.column(feature)
+                features.append(col.values.to_numpy().reshape(len(col), *shape))
+                labels.append(batch.column("label").to_numpy())
+                starts.append(starts[-1] + len(col))
+        first = np.array(starts[:-1], dtype=np.int64)
+        n = 0
+        for ids in order.rank_batches(ds.shard_rows, ds.spec(1)):
+            which = np.searchsorted(first, ids, side="right") - 1
+            x = np.empty((len(ids), *shape), dtype=features[0].dtype)
+            y = np.empty(len(ids), dtype=np.int64)
+            for w in np.unique(which):
+                rows = np.flatnonzero(which == w)
+                x[rows] = features[w][ids[rows] - first[w]]
+                y[rows] = labels[w][ids[rows] - first[w]]
+            torch.from_numpy(x), torch.from_numpy(y)
+            n += len(ids)
+        return n
+
+    return run
+
+
+def interleaved(repeats: int, **epochs) -> dict[str, list[float]]:
+    """Samples/s of each epoch function, run in turn ``repeats`` times: on a shared machine the
+    load changes by the minute, so a ratio is taken between runs made side by side."""
+    rates: dict[str, list[float]] = {name: [] for name in epochs}
+    for _ in range(repeats):
+        for name, epoch in epochs.items():
+            start = time.perf_counter()
+            n = epoch()
+            rates[name].append(n / (time.perf_counter() - start))
+    return rates
+
+
+def ray_data(table: pa.Table, out: Path, args) -> float:
+    """Ray Data: ``read_parquet`` -> ``iter_torch_batches`` with a local shuffle buffer, warm."""
+    import pyarrow.parquet as pq
+
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("ray[data] is not installed: make loader-bench (see the Makefile)") from None
+    out.mkdir(parents=True, exist_ok=True)
+    per_file = max(1, (16 << 20) // max(1, table.nbytes // max(1, table.num_rows)))
+    for i, lo in enumerate(range(0, table.num_rows, per_file)):
+        pq.write_table(table.slice(lo, per_file), out / f"part-{i:05d}.parquet", compression="none")
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
+             object_store_memory=max(256 << 20, 2 * table.nbytes), configure_logging=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ds = ray.data.read_parquet(str(out))
+
+        def epoch() -> int:
+            return epoch_samples(ds.iter_torch_batches(batch_size=args.batch_size, drop_last=False,
+                                                       local_shuffle_buffer_size=args.ray_shuffle_buffer))
+
+        epoch()  # warm: the page cache holds the files
+        seconds, n = best(args.repeats, epoch)
+    finally:
+        ray.shutdown()
     return n / seconds
 
 
@@ -300,6 +378,8 @@ def main() -> None:
     parser.add_argument("--shard-size", default="16MB")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="working folder (default: a temporary one, removed)")
+    parser.add_argument("--ray-shuffle-buffer", type=int, default=4096, help="Ray Data's local shuffle buffer (rows)")
+    parser.add_argument("--no-ray", action="store_true", help="leave Ray Data out")
     args = parser.parse_args()
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="loader-bench-"))
@@ -370,7 +450,11 @@ def main() -> None:
             "ours_dataloader": ours_dataloader(url, opts, args),
             "mosaic_dataloader": mosaic(mds, args),
         }
-        warm["ours"] = ours_in_process(url, opts, args)
+        decoded = [fs.cache.data_path(_content_key(s.hash) + "-ipc") for s in dataset.shards()]
+        ours_ds = StreamingDataset(url, batch_size=args.batch_size, storage_options=opts, cache=True)
+        paired = interleaved(args.repeats, ours=lambda: epoch_samples(ours_ds), shuffled_ceiling=shuffled_ceiling(
+            decoded if all(os.path.exists(f) for f in decoded) else files, ours_ds, "image", shape))
+        warm["ours"], warm["shuffled_ceiling"] = max(paired["ours"]), max(paired["shuffled_ceiling"])
         rate, loader = ours_prefetcher(url, opts, args)
         warm["ours_prefetcher"] = rate
         warm["hit_rate"] = loader.stats.hit_rate
@@ -378,10 +462,16 @@ def main() -> None:
         warm["ours_shard_shuffle"] = ours_in_process(url, opts, args, shuffle="shard")
         warm["ours_shard_shuffle_compressed_tier"] = ours_in_process(url, opts, args, shuffle="shard", decoded=False)
         warm["ceiling"] = max(ceiling(files, "image", shape, t, args) for t in sorted({1, args.workers}))
+        if not args.no_ray:
+            warm["ray_data"] = ray_data(dataset.read_table(), work / "parquet", args)
         results["warm"] = {k: (round(v) if k != "hit_rate" else v) for k, v in warm.items()}
+        results["warm"]["shuffled_ceiling_paired_ratios"] = [
+            round(o / c, 3) for o, c in zip(paired["ours"], paired["shuffled_ceiling"])]
         ratios = {
             "warm_vs_mosaic": warm["ours_dataloader"] / warm["mosaic_dataloader"],
             "warm_vs_ceiling": warm["ours"] / warm["ceiling"],
+            "warm_vs_shuffled_ceiling": warm["ours"] / warm["shuffled_ceiling"],
+            **({"warm_vs_ray_data": warm["ours"] / warm["ray_data"]} if "ray_data" in warm else {}),
             "prefetcher_vs_ceiling": warm["ours_prefetcher"] / warm["ceiling"],
             "compressed_tier_vs_ceiling": warm["ours_compressed_tier"] / warm["ceiling"],
             "shard_shuffle_vs_ceiling": warm["ours_shard_shuffle"] / warm["ceiling"],
@@ -429,6 +519,8 @@ def main() -> None:
     summary = {
         "warm_vs_mosaic": results["warm"]["warm_vs_mosaic"],
         "warm_vs_ceiling": results["warm"]["warm_vs_ceiling"],
+        "warm_vs_shuffled_ceiling": results["warm"]["warm_vs_shuffled_ceiling"],
+        "warm_vs_ray_data": results["warm"].get("warm_vs_ray_data"),
         "cold_vs_plain": results["cold"]["cold_vs_plain"],
         "overlap_vs_ideal": results["overlap"]["overlap_vs_ideal"],
         "stall_share": results["overlap"]["stall_share"],

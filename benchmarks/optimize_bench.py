@@ -36,10 +36,9 @@ TARGETS = {"speedup": 2.0, "size_ratio": 0.30, "accuracy_drop": 1.0}
 
 
 def stage(source: str, dest: str) -> str:
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
 
-    plan = plan_stage(StageConfig(source=source, dest=dest, val_fraction=0.2))
-    commit(plan, [write_group(g) for g in group_tasks(plan, 2)], 1.0)
+    stage_here(StageConfig(source=source, dest=dest, val_fraction=0.2))
     return dest
 
 

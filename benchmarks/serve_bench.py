@@ -1,6 +1,6 @@
 """Online serving on this machine: batched vs unbatched (max batch 1), at several concurrencies.
 
-Runs the real product path: `swarm serve --in-process` (thread replicas; replicas on Dask
+Runs the real product path: `swarm serve-model --in-process` (thread replicas; replicas on Dask
 workers are measured by cluster_serve_bench.py) in its own process on loopback, driven by a
 closed-loop load generator in this process (each of C clients sends its next request
 when the previous one is answered, over its own keep-alive connection). The generator
@@ -47,14 +47,13 @@ def train_model(work: Path, hidden: list[int]) -> tuple[str, np.ndarray, np.ndar
 
     from tasks.inference.inputs import InputSpec
     from tasks.models.loading import load_model
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
     from tasks.training import TrainConfig, prepare_training
     from tasks.training.data import load_split
     from tasks.training.rank import RankJob, train_rank
 
     dataset = str(work / "digits")
-    plan = plan_stage(StageConfig(source="digits", dest=dataset, val_fraction=0.2))
-    commit(plan, [write_group(g) for g in group_tasks(plan, 1)], 1.0)
+    stage_here(StageConfig(source="digits", dest=dataset, val_fraction=0.2), groups=1)
     cfg = TrainConfig(dataset=dataset, model="mlp", model_args={"hidden": hidden}, epochs=1,
                       checkpoint_dir=str(work / "ck"))
     tp = prepare_training(cfg)
@@ -78,11 +77,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    """`swarm serve` in a subprocess."""
+    """`swarm serve-model` in a subprocess."""
 
     def __init__(self, checkpoint: str, *options: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from flows.cli import entrypoint; entrypoint()", "serve", checkpoint,
+            [sys.executable, "-c", "from flows.cli import entrypoint; entrypoint()", "serve-model", checkpoint,
              "--port", "0", *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         found = re.search(r"http://([\d.]+):(\d+)", line)
@@ -279,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def online(args: argparse.Namespace, checkpoint: str, x: np.ndarray, classes: np.ndarray) -> dict:
-    """Batched vs unbatched `swarm serve` over the concurrency levels: the summary (the last
+    """Batched vs unbatched `swarm serve-model` over the concurrency levels: the summary (the last
     line's figures), with every level's medians under ``levels``; writes the plot."""
     levels = [int(c) for c in args.concurrency.split(",")]
     gc.collect()
@@ -326,7 +325,7 @@ def online(args: argparse.Namespace, checkpoint: str, x: np.ndarray, classes: np
 
 
 def online_title(args: argparse.Namespace) -> str:
-    return (f"swarm serve, MLP 64-{args.hidden.replace(',', '-')}-10 on digits rows, {args.replicas} replica(s), "
+    return (f"swarm serve-model, MLP 64-{args.hidden.replace(',', '-')}-10 on digits rows, {args.replicas} replica(s), "
             f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms (medians of {args.repeat})")
 
 

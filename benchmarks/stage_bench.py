@@ -11,7 +11,7 @@ decoded) into a fresh local folder:
 * **flow**: the product path, ``stage_dataset`` (plan, write, commit) on a local Dask
   cluster of 2 single-threaded worker processes, reporting to a real Prefect server.
   Server and cluster start-up are outside the timing; everything the flow does is in.
-* **plain**: the same plain functions (``plan_stage``, ``write_group``, ``commit``) in
+* **plain**: the same plain steps (``stage_here``: plan, write each group, commit) in
   this one process, without Prefect or Dask, for reference.
 * **mds**: ``MDSWriter`` in this one process, fed row by row from the Parquet record
   batches as NumPy views (static ``ndarray`` dtype and shape, ``int`` labels).
@@ -106,13 +106,11 @@ def stage_flow(source: Path, dest: Path, shard_size: int, dask_address: str) -> 
 
 
 def stage_plain(source: Path, dest: Path, shard_size: int) -> float:
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
 
     config = StageConfig(source=str(source), dest=str(dest), codec=CODEC, level=LEVEL, shard_size=shard_size)
     started = time.perf_counter()
-    plan = plan_stage(config)
-    results = [write_group(group) for group in group_tasks(plan, 1)]
-    commit(plan, results, time.perf_counter() - started)
+    stage_here(config, groups=1)
     return time.perf_counter() - started
 
 
@@ -163,12 +161,12 @@ class Services:
     """A real Prefect server and a local Dask cluster of single-threaded worker processes."""
 
     def __init__(self, home: Path):
-        from deployments.runtime import PrefectServer, _use_api
+        from deployments.runtime import PrefectServer, use_api
 
         os.environ["SWARM_HOME"] = str(home / "swarm-home")
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         self.server = PrefectServer(home / "prefect").start()
-        _use_api(self.server.url)  # before the workers start, so they inherit it
+        use_api(self.server.url)  # before the workers start, so they inherit it
         from distributed import LocalCluster
 
         try:

@@ -30,22 +30,21 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="swarm-train-bench-"))
     os.environ["SWARM_HOME"] = str(work / "home")
-    from deployments.runtime import PrefectServer, _use_api
+    from deployments.runtime import PrefectServer, use_api
     from distributed import LocalCluster
 
     from flows.train import train_model
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
     from tasks.training import TrainConfig
 
     server = PrefectServer(work / "prefect").start()
-    _use_api(server.url)
+    use_api(server.url)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     os.environ["SWARM_DASK_ADDRESS"] = cluster.scheduler_address
     try:
         dataset = str(work / "images")
-        plan = plan_stage(StageConfig(source=f"synthetic-image?rows={args.rows}&size={args.size}", dest=dataset,
-                                      val_fraction=0.1, shard_size="8MB"))
-        commit(plan, [write_group(g) for g in group_tasks(plan, 2)], 1.0)
+        stage_here(StageConfig(source=f"synthetic-image?rows={args.rows}&size={args.size}", dest=dataset,
+                               val_fraction=0.1, shard_size="8MB"))
         model_args = {"channels": [32, 64], "hidden": 128}
 
         def run(name: str, **kw) -> float:

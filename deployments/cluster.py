@@ -40,6 +40,27 @@ def gpu_count() -> int:
     return count
 
 
+#: The CUDA caching allocator's settings for GPU workers: expandable segments grow a segment in
+#: place instead of leaving fragments of fixed-size ones (fewer out-of-memory errors from
+#: fragmentation when batch shapes vary, as in adaptive inference). A user's own
+#: ``PYTORCH_CUDA_ALLOC_CONF`` wins.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def gpu_worker_env() -> dict[str, str]:
+    """Environment for GPU worker processes, set where they start (the CUDA allocator reads it once)."""
+    return {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or CUDA_ALLOC_CONF}
+
+
+def configure_gpu_workers():
+    """Worker processes this process's nannies start from now on get :func:`gpu_worker_env`
+    (through Dask's ``pre-spawn-environ``, which dask-cuda's own ``env`` does not replace).
+    Used as a context manager, only within the block."""
+    import dask
+
+    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in gpu_worker_env().items()})
+
+
 def local_worker_count() -> int:
     return max(1, int(os.environ.get("SWARM_WORKERS", 0)) or os.cpu_count() or 1)
 
@@ -73,12 +94,22 @@ def _start_local_cluster(workers: int | None = None):
                 f"{gpus} GPU(s) found but dask-cuda is not installed; install the GPU extra: "
                 "pip install 'swarm-pipelines[gpu]' (or set CUDA_VISIBLE_DEVICES= to use the CPU)"
             ) from None
+        configure_gpu_workers()
         return LocalCUDACluster(resources={"GPU": 1}, threads_per_worker=1, **common)
     from distributed import LocalCluster
 
     return LocalCluster(
         n_workers=max(workers or 0, local_worker_count()), threads_per_worker=1, processes=True, **common
     )
+
+
+def with_serving_cluster(config):
+    """A serving config (``tasks.inference.config.ServeConfig``) whose replicas have a Dask
+    scheduler: its own ``dask_address``, ``$SWARM_DASK_ADDRESS``, or this process's local
+    cluster of worker processes, started here with a worker per replica at most."""
+    if config.in_process or config.dask_address or os.environ.get("SWARM_DASK_ADDRESS"):
+        return config
+    return config.model_copy(update={"dask_address": scheduler_address(None, workers=config.replica_bounds[1])})
 
 
 def scheduler_address(dask_address: str | None = None, workers: int | None = None) -> str:

@@ -18,62 +18,18 @@ reads what they wrote. Nothing an abandoned attempt does can then overlap its su
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections import Counter
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import dask
 
 from storage.errors import ConfigError, SwarmError
+from tasks import attempts
+from tasks.attempts import Superseded, check, membership  # noqa: F401 - the worker side, for callers of gangs
 
 
 class GangFailed(RuntimeError):
     """A member of the group failed; the group as a whole should be retried."""
-
-
-class Superseded(SwarmError):
-    """A member whose gang a newer attempt (or another run with the same key) has taken over."""
-
-
-# Per worker process: the current attempt's token of each gang, and the members running here.
-_LOCK = threading.Lock()
-_CURRENT: dict[str, str] = {}
-_RUNNING: dict[str, Counter] = {}
-
-
-@contextmanager
-def membership(key: str, token: str | None) -> Iterator[None]:
-    """Run a member of attempt ``token`` of gang ``key`` in this process (no-op without a token)."""
-    if token is None:
-        yield
-        return
-    with _LOCK:
-        _RUNNING.setdefault(key, Counter())[token] += 1
-    try:
-        check(key, token)
-        yield
-    finally:
-        with _LOCK:
-            _RUNNING[key][token] -= 1
-            if not +_RUNNING[key]:
-                del _RUNNING[key]
-
-
-def check(key: str, token: str | None) -> None:
-    """Raise :class:`Superseded` if a newer attempt has taken gang ``key`` over; cheap enough per step."""
-    current = _CURRENT.get(key)
-    if token is not None and current is not None and current != token:
-        raise Superseded(f"this attempt at {key!r} was taken over by a newer one (a retry of the group, "
-                         "or another run with the same checkpoint folder); it stopped without writing more")
-
-
-def _supersede(key: str, token: str) -> int:
-    """On a worker: make ``token`` current for ``key``; how many older members still run here."""
-    with _LOCK:
-        _CURRENT[key] = token
-        return sum(n for t, n in _RUNNING.get(key, Counter()).items() if t != token)
 
 
 def take_over(client, key: str, token: str, wait_s: float, poll_s: float = 0.25) -> list[str]:
@@ -94,19 +50,15 @@ def take_over(client, key: str, token: str, wait_s: float, poll_s: float = 0.25)
 
 def _stale(client, key: str, token: str) -> list[str]:
     """Workers still running older members of ``key``; one that did not answer counts unless it left."""
-    counts = client.run(_supersede, key, token, on_error="return")
+    counts = client.run(attempts.supersede, key, token, on_error="return")
     alive = set(client.scheduler_info(n_workers=-1)["workers"])
     return sorted(w for w, n in counts.items() if (n > 0 if isinstance(n, int) else w in alive))
 
 
 def taken_over(client, key: str, token: str) -> bool:
     """Whether another attempt or run has made itself current for ``key`` on some worker."""
-    current = client.run(_current, key, on_error="ignore")
+    current = client.run(attempts.current, key, on_error="ignore")
     return any(t is not None and t != token for t in current.values())
-
-
-def _current(key: str) -> str | None:
-    return _CURRENT.get(key)
 
 
 def _free_port() -> int:

@@ -47,7 +47,8 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _use_api(url: str) -> None:
+def use_api(url: str) -> None:
+    """Point this process (and the processes it starts) at the Prefect API at ``url``."""
     os.environ["PREFECT_API_URL"] = url
     if "prefect.context" in sys.modules:  # settings were read at import: refresh them
         from prefect.context import refresh_global_settings_context
@@ -132,12 +133,12 @@ def ensure_prefect_api() -> str:
             except (ValueError, KeyError):
                 url = None
             if url and healthy(url):
-                _use_api(url)
+                use_api(url)
                 return url
         server = PrefectServer(home / "prefect").start()
     _OWNED.append(server)
     atexit.register(server.stop)
-    _use_api(server.url)
+    use_api(server.url)
     return server.url
 
 

@@ -5,7 +5,9 @@ listing, manifest, checkpoint tensors) and options, never of Python objects, and
 outputs go to a folder named by that key. So a second identical call finds every stage
 ``Cached``; a changed training parameter re-runs training and what follows, nothing
 before; and a failed run, re-run, skips the stages that finished and resumes the one
-that failed (training from its last checkpoint).
+that failed (training from its last checkpoint). Before each stage, one status task of
+that stage (:class:`tasks.step_status.StepStatus`) gives its key, its output folder and
+whether that output is already finished: the flow itself reads no manifest or checkpoint.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from flows.infer import batch_inference
 from flows.optimize import optimize_model
 from flows.train import TrainResult, train_model
 from tasks import artifacts
-from tasks.optimize import OptimizeConfig, OptimizeResult, optimization_finished, optimize_identity
-from tasks.inference.offline import InferConfig, InferOptions, InferResult, infer_identity, inference_finished
+from tasks.inference.config import InferConfig, InferOptions
+from tasks.inference.offline import InferResult, infer_status_task
+from tasks.optimize import OptimizeConfig, OptimizeResult, optimize_status_task
 from tasks.optimize.config import OptimizeOptions
-from tasks.staging import StageConfig, StageOptions, StageResult, stage_identity
-from tasks.training import TrainConfig, TrainOptions, train_identity, training_finished
+from tasks.staging import StageConfig, StageOptions, StageResult, stage_status_task
+from tasks.step_status import StepStatus
+from tasks.training import TrainConfig, TrainOptions, train_status_task
 
 CACHED = dict(cache_key_fn=lambda context, parameters: parameters["key"], persist_result=True,
               result_serializer="json")
@@ -88,8 +92,8 @@ def dataset_name(params: DataParams) -> str:
     return base.split(".", 1)[0].replace("*", "all") or "dataset"
 
 
-def _run(step, config, key: str, current: bool, ran: list[str], cached: list[str], label: str):
-    state = step.with_options(refresh_cache=not current)(config, key, return_state=True)
+def _run(step, status: StepStatus, ran: list[str], cached: list[str], label: str):
+    state = step.with_options(refresh_cache=not status.up_to_date)(status.config, status.key, return_state=True)
     (cached if state.name == "Cached" else ran).append(label)
     return state.result()
 
@@ -114,24 +118,17 @@ def lifecycle(
     access = {"storage_options": storage_options or {}, "dask_address": dask_address}
 
     stage_cfg = StageConfig(dest=f"{root}/datasets/{name}", **data.model_dump(exclude={"name"}), **access)
-    key, current = stage_identity(stage_cfg)
-    staged = _run(stage_step, stage_cfg, key, current, ran, cached, "stage")
+    staged = _run(stage_step, stage_status_task(stage_cfg), ran, cached, "stage")
 
     probe = TrainConfig(dataset=staged.dest, checkpoint_dir="-", **training.model_dump(), **access)
-    key = train_identity(probe)
-    train_cfg = probe.model_copy(update={"checkpoint_dir": f"{root}/checkpoints/{name}-{key[:12]}"})
-    trained = _run(train_step, train_cfg, key, training_finished(train_cfg), ran, cached, "train")
+    trained = _run(train_step, train_status_task(probe, f"{root}/checkpoints/{name}-"), ran, cached, "train")
 
     probe = OptimizeConfig(checkpoint=trained.checkpoint, eval_dataset=staged.dest, output="-",
                            **optimization.model_dump(), **access)
-    key = optimize_identity(probe)
-    opt_cfg = probe.model_copy(update={"output": f"{root}/models/{name}-{key[:12]}"})
-    optimized = _run(optimize_step, opt_cfg, key, optimization_finished(opt_cfg), ran, cached, "optimize")
+    optimized = _run(optimize_step, optimize_status_task(probe, f"{root}/models/{name}-"), ran, cached, "optimize")
 
     probe = InferConfig(model=optimized.output, dataset=staged.dest, output="-", **inference.model_dump(), **access)
-    key = infer_identity(probe)
-    infer_cfg = probe.model_copy(update={"output": f"{root}/predictions/{name}-{key[:12]}"})
-    predicted = _run(infer_step, infer_cfg, key, inference_finished(infer_cfg), ran, cached, "infer")
+    predicted = _run(infer_step, infer_status_task(probe, f"{root}/predictions/{name}-"), ran, cached, "infer")
 
     result = LifecycleResult(
         output=root, dataset=staged.dest, checkpoint=trained.checkpoint, model=optimized.output,

@@ -39,6 +39,8 @@ def serve_endpoint(config: ServeConfig) -> ServedEndpoint:
         artifacts.markdown("serving-endpoint", "\n".join([f"**{url}** serves `{config.model}`", *lines]),
                            description="Where the endpoint listens and where its replicas run")
 
-    served = serve(config, on_ready=ready)
+    from deployments.cluster import with_serving_cluster
+
+    served = serve(with_serving_cluster(config), on_ready=ready)
     logger.info("stopped after answering %d requests in %.1f s", served.answered, served.seconds)
     return ServedEndpoint(url=served.url, answered=served.answered, seconds=served.seconds)

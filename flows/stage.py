@@ -36,6 +36,7 @@ def stage_dataset(config: StageConfig) -> StageResult:
 
 
 def summary_row(result: StageResult) -> dict:
+    text = {k: result.text[k] for k in ("documents", "tokens", "vocab_size")} if result.text else {}
     return {
         "dest": result.dest,
         "rows": result.rows,
@@ -48,4 +49,4 @@ def summary_row(result: StageResult) -> dict:
         "written": result.written_shards,
         "skipped": result.skipped_shards,
         "seconds": result.seconds,
-    }
+    } | text

@@ -31,9 +31,9 @@ from tasks.training import (
     RankResult,
     TrainConfig,
     TrainPlan,
-    clear_checkpoints,
+    clear_checkpoints_task,
     gang_key,
-    latest_checkpoint,
+    latest_checkpoint_task,
     prepare_training_task,
     train_rank_task,
 )
@@ -58,6 +58,13 @@ class TrainResult(BaseModel):
     data_stall_share: float
     seconds: float
     history: list[dict[str, Any]]
+    task: str = "classify"
+    val_loss: float | None = None
+    val_perplexity: float | None = None  # causal-lm
+    train_perplexity: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    samples: list[dict[str, Any]] = []  # causal-lm: greedy continuations of validation prompts
 
 
 @flow(name="ddp-group", flow_run_name="ddp-group-attempt-{attempt}")
@@ -74,10 +81,10 @@ def ddp_group(config: TrainConfig, plan: TrainPlan, attempt: int = 1) -> list[Ra
         workers = pick_workers(client, config.world_size, wait_s=0 if attempt <= 1 and not restarted else 90,
                                resource="GPU" if gpu else None)
         port = free_port_on(client, workers[0]) if config.world_size > 1 else 0
-        resume_from = latest_checkpoint(config)
+        resume_from = latest_checkpoint_task(config)
         jobs = [
             RankJob(config, plan.model_name, plan.model_args, plan.columns, rank, config.world_size,
-                    host_of(workers[0]), port, attempt, resume_from, token)
+                    host_of(workers[0]), port, attempt, resume_from, token, lm=plan.lm)
             for rank in range(config.world_size)
         ]
         progress: dict[str, Progress] = {}
@@ -135,7 +142,7 @@ def train_model(config: TrainConfig) -> TrainResult:
         _take_over(runner.client, config, uuid.uuid4().hex)
     plan = prepare_training_task(config)
     if not config.resume:
-        clear_checkpoints(config)
+        clear_checkpoints_task(config)
     results = _run_group_with_retries(config, plan)
     main = results[0]
     last = main.history[-1]
@@ -156,10 +163,17 @@ def train_model(config: TrainConfig) -> TrainResult:
         data_stall_share=last["data_stall_share"],
         seconds=round(time.perf_counter() - started, 2),
         history=main.history,
+        task=plan.task,
+        val_loss=last.get("val_loss"),
+        val_perplexity=last.get("val_ppl"),
+        train_perplexity=last.get("train_ppl"),
+        tokens_per_s=last.get("tokens_per_s"),
+        mfu=last.get("mfu"),
+        samples=main.samples,
     )
     artifacts.table(
         "train-model",
-        [{k: v for k, v in result.model_dump().items() if k not in ("history", "model_args")}],
+        [{k: v for k, v in result.model_dump().items() if k not in ("history", "model_args", "samples")}],
         description=f"Trained {plan.model_name} on {config.dataset}",
     )
     return result

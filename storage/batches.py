@@ -157,6 +157,35 @@ class StreamReader:
             if made and self.on_progress is not None:
                 self.on_progress(fetcher, made)
 
+    def blocks(self, first: int, out: BufferProvider | None = None) -> Iterator[tuple[int, int, dict]]:
+        """``(lo, hi, arrays)`` for each window of ``plan.spec.block_size`` stream positions, from the
+        one holding batch ``first`` on: its rows in *unshuffled* stream order (a block shuffle
+        permutes rows only within their window), for a consumer that gathers the batches
+        itself (:mod:`storage.device_gather`)."""
+        plan = self.plan
+        if first >= len(plan.sizes):
+            return
+        size, rows = plan.spec.block_size, plan.rows
+        start = int(plan.offsets[first]) // size * size
+        first_span = int(np.searchsorted(plan.span_ends, start, side="right"))
+        fetcher = ShardFetcher(self.read_span, plan.spans[first_span:], depth=self.depth, size=self.span_bytes)
+        depth = (lambda: max(self.fetch_depth(), self.depth)) if self.fetch_depth is not None else None
+        window = _Window(plan, first_span, fetcher, depth)
+        try:
+            for lo in range(start, rows, size):
+                hi = min(rows, lo + size)
+                window.ensure(hi)
+                arrays = concat_rows(window.rows(lo, hi), self.specs, out(hi - lo) if out is not None else None)
+                window.drop_before(hi)
+                if self.on_progress is not None:
+                    self.on_progress(fetcher, 0)
+                yield lo, hi, arrays
+        except Exception:
+            window.close(wait=True)
+            raise
+        finally:
+            window.close()
+
     def _run(self, window: _Window, first: int) -> _Run:
         """Batch ``first`` and those after it that end in the same shuffle window, located.
 

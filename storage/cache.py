@@ -46,10 +46,11 @@ from fsspec.implementations.chained import ChainedFileSystem
 
 from storage import formats, manifest as manifest_mod
 from storage.atomic import DISK_FULL
-from storage.cache_index import CacheDir, Pinned, fast_digest, parse_bytes
+from storage.cache_index import CacheDir, Pinned, fast_digest
 from storage.dataset import check_bytes
 from storage.errors import CacheError, ConfigError, IntegrityError
 from storage.manifest import Manifest, ShardEntry
+from storage.sizes import parse_bytes
 from storage.urls import is_local
 
 PROTOCOL = "shardcache"

@@ -35,7 +35,6 @@ import errno
 import fcntl
 import itertools
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
@@ -50,29 +49,6 @@ DIGEST_LEN = 32  # hex chars of an xxh3-128 digest
 SIDECAR = ".xxh"
 STRIPES = 256
 _counter = itertools.count()
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(value: int | str, what: str = "cache size") -> int:
-    """``10GB``, ``512MiB``, ``1e9`` or an integer, as bytes."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be a number of bytes like 10GB or 512MiB, got {value!r}")
-    if isinstance(value, (int, float)):
-        number = int(value)
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            try:
-                number = int(float(str(value)))
-            except ValueError:
-                raise ConfigError(f"{what} must be a number of bytes like 10GB or 512MiB, got {value!r}") from None
-        else:
-            digits, unit, binary = match.groups()
-            power = "kmgtp".find(unit.lower()) + 1 if unit else 0
-            number = int(float(digits) * (1024 if binary else 1000) ** power)
-    if number <= 0:
-        raise ConfigError(f"{what} must be greater than 0 bytes, got {value!r}")
-    return number
 
 
 class _XXH128(ctypes.Structure):

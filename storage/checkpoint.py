@@ -36,27 +36,63 @@ def _name(step: int) -> str:
     return f"ckpt-{step:09d}"
 
 
+def unshared(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors safetensors can store, and the aliases left out.
+
+    safetensors refuses tensors that share memory (tied weights: a language model's output
+    head is its token embedding). A tensor that *is* an earlier one (same storage, offset,
+    shape, strides, dtype) is stored once and recorded as ``alias -> name``; :func:`load`
+    puts it back. Any other overlap (a view of part of another tensor) is stored as a copy.
+    """
+    out: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, value in tensors.items():
+        value = value.detach()
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+               value.dtype, value.device)
+        if value.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        storage = value.untyped_storage().data_ptr()
+        if value.numel() and storage in storages:
+            value = value.clone()
+        elif value.numel():
+            storages.add(storage)
+            seen[key] = name
+        out[name] = value.contiguous().cpu()
+    return out, aliases
+
+
 def write(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None,
-          format_id: str = FORMAT_ID) -> str:
-    """Write one folder at ``url``: the tensors first, then ``meta.json`` (with their hash) last."""
+          format_id: str = FORMAT_ID, files: dict[str, bytes] | None = None) -> str:
+    """Write one folder at ``url``: the tensors and any extra ``files`` (name -> bytes, e.g. a
+    tokenizer.json) first, then ``meta.json`` (with the tensors' hash) last."""
     from safetensors.torch import save as st_save
 
     fs, folder = url_to_fs(url, storage_options)
     folder = folder.rstrip("/")
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    stored, aliases = unshared(tensors)
+    data = st_save(stored)
     if fs.exists(f"{folder}/{META}"):
         fs.rm_file(f"{folder}/{META}")  # a folder written before stops being one before its tensors change
     atomic.write_bytes(fs, f"{folder}/{TENSORS}", data)
+    for name, content in (files or {}).items():
+        atomic.write_bytes(fs, f"{folder}/{name}", content)
     doc = {"format": format_id, "version": VERSION, "tensors_hash": digest_bytes(data), "tensors_bytes": len(data),
            **meta}
+    if aliases:
+        doc["tensor_aliases"] = aliases
     atomic.write_bytes(fs, f"{folder}/{META}", sealed_json(doc, default=_jsonable))
     return url.rstrip("/")
 
 
 def save(root_url: str, step: int, tensors: dict[str, Any], meta: dict[str, Any],
-         storage_options: dict | None = None, keep_last: int = 3) -> str:
+         storage_options: dict | None = None, keep_last: int = 3, files: dict[str, bytes] | None = None) -> str:
     """Write checkpoint ``step`` under ``root_url``; return its URL. ``tensors``: name -> torch.Tensor."""
-    url = write(f"{root_url.rstrip('/')}/{_name(step)}", tensors, {"step": step, **meta}, storage_options)
+    url = write(f"{root_url.rstrip('/')}/{_name(step)}", tensors, {"step": step, **meta}, storage_options,
+                files=files)
     fs, root = url_to_fs(root_url, storage_options)
     prune(fs, root.rstrip("/"), keep_last)
     return url
@@ -194,4 +230,8 @@ def load(url: str, storage_options: dict | None = None, verify: bool = True,
         tensors = st_load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise IntegrityError(f"{url}/{TENSORS} is not a valid safetensors file: {exc}") from None
+    for alias, name in (meta.get("tensor_aliases") or {}).items():
+        if name not in tensors:
+            raise IntegrityError(f"{url}/{META} names tensor {alias!r} an alias of {name!r}, which is not stored")
+        tensors[alias] = tensors[name]
     return tensors, meta

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from storage.errors import SourceError
-from storage.prefetch import _END, _Queue
+from storage.handoff import END, GrowableQueue
 
 _HEADER = struct.Struct("<iiI")  # slot (-1: end, -2: failed), rows, encoded extras' length
 _SLOT = struct.Struct("<i")
@@ -102,7 +102,7 @@ class ProcessFeed:
         os.close(w_ready)
         os.close(r_free)
         registered = self._register(ring) if self.cuda else None
-        queue = _Queue(max(1, depth))
+        queue = GrowableQueue(max(1, depth))
         copier = threading.Thread(target=self._copy, args=(ring, r_ready, w_free, pid, queue),
                                   name="swarm-feed", daemon=True)
         try:
@@ -146,7 +146,7 @@ class ProcessFeed:
             while True:
                 slot, rows, extras = _read_message(r_ready, pid)
                 if slot == _LAST:
-                    queue.put(_END)
+                    queue.put(END)
                     return
                 if slot == _FAILED:
                     queue.put(extras)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import Future
+from contextlib import contextmanager
 from functools import partial
 from multiprocessing.context import get_spawning_popen
 from typing import Any, Callable, Iterator
@@ -299,14 +300,11 @@ class StreamingDataset(IterableDataset):
         raw = sum(s.raw_bytes for s in self.shards)
         return 0 < raw <= fs.cache.budget // 2
 
-    def numpy_batches(self, consumed: int = 0, worker: int = 0, num_workers: int = 1,
-                      out: BufferProvider | None = None, fetch_depth: Callable[[], int] | None = None
-                      ) -> Iterator[dict[str, Any]]:
-        """This worker's batches of the current epoch from rank batch ``consumed`` on, as numpy.
-
-        ``out(rows)`` may supply the arrays numeric columns are gathered into (reusable,
-        e.g. pinned); ``fetch_depth()`` may change the shard reads in flight as it goes.
-        """
+    @contextmanager
+    def stream(self, consumed: int = 0, worker: int = 0, num_workers: int = 1,
+               fetch_depth: Callable[[], int] | None = None) -> Iterator[tuple[order.StreamPlan, StreamReader]]:
+        """The plan and reader of this worker's stream of the current epoch, its read counters
+        hooked up (by :meth:`numpy_batches`, and by :mod:`storage.device_gather`)."""
         plan = order.plan_stream(self.shard_rows, self.spec(num_workers),
                                  order.stream_for_worker(worker, num_workers, consumed))
         self._filesystem()
@@ -323,13 +321,24 @@ class StreamingDataset(IterableDataset):
                               self.specs, depth=self.shard_depth, fetch_depth=fetch_depth,
                               on_progress=report)
         try:
+            yield plan, reader
+        finally:
+            counters.set(worker, bytes_in_flight=0)
+            self._drop_preloaded(keep_epoch=epoch + 1)  # a resumed epoch may not have used them
+
+    def numpy_batches(self, consumed: int = 0, worker: int = 0, num_workers: int = 1,
+                      out: BufferProvider | None = None, fetch_depth: Callable[[], int] | None = None
+                      ) -> Iterator[dict[str, Any]]:
+        """This worker's batches of the current epoch from rank batch ``consumed`` on, as numpy.
+
+        ``out(rows)`` may supply the arrays numeric columns are gathered into (reusable,
+        e.g. pinned); ``fetch_depth()`` may change the shard reads in flight as it goes.
+        """
+        with self.stream(consumed, worker, num_workers, fetch_depth) as (plan, reader):
             for lo, hi, arrays in reader.batches(plan.first_batch(consumed), out):
                 if self.index_key:
                     arrays[self.index_key] = plan.sample_ids(lo, hi, self.shard_offsets)
                 yield arrays
-        finally:
-            counters.set(worker, bytes_in_flight=0)
-            self._drop_preloaded(keep_epoch=epoch + 1)  # a resumed epoch may not have used them
 
     def finish(self, arrays: dict[str, Any]) -> dict[str, Any]:
         """Apply the column transforms and make tensors (no copy for numpy arrays)."""

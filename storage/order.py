@@ -262,7 +262,11 @@ class StreamPlan:
 
     def sample_ids(self, lo: int, hi: int, shard_offsets: np.ndarray) -> np.ndarray:
         """Split-wide sample ids (row number in manifest order) of the batch at ``[lo, hi)``."""
-        span, row = self.locate(self.batch_sources(lo, hi))
+        return self.position_ids(self.batch_sources(lo, hi), shard_offsets)
+
+    def position_ids(self, positions: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:
+        """Split-wide sample ids of unshuffled stream positions."""
+        span, row = self.locate(positions)
         shard = np.array([s.shard for s in self.spans], dtype=np.int64)[span]
         first = np.array([s.start for s in self.spans], dtype=np.int64)[span]
         return shard_offsets[shard] + first + row

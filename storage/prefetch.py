@@ -34,18 +34,16 @@ processes (each with its own shard reads); the order then depends on that number
 from __future__ import annotations
 
 import os
-from queue import SimpleQueue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 
 from storage.errors import ConfigError
 from storage.fetcher import MAX_DEPTH
-
-_END = object()
+from storage.handoff import END, GrowableQueue
+from storage.pinned import PinnedRing
 
 
 @dataclass
@@ -62,6 +60,8 @@ class PrefetchStats:
     bytes_in_flight: float = 0.0  # shard bytes being read when the last batch was handed out
     bytes_in_flight_mean: float = 0.0
     bytes_fetched: float = 0.0
+    ring_bytes: int = 0  # reusable host buffers batches are gathered into (pinned on CUDA), kept across epochs
+    memory_capped: bool = False  # the depth stopped growing for want of device memory
     samples: int = 0
     flight_samples: int = 0
     tuning: list[tuple[int, int, int, float]] = field(default_factory=list)  # (step, depth, shard_depth, share)
@@ -78,58 +78,9 @@ class PrefetchStats:
             "depth": self.depth, "shard_depth": self.shard_depth,
             "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 4),
             "bytes_in_flight": int(self.bytes_in_flight), "bytes_in_flight_mean": int(self.bytes_in_flight_mean),
-            "bytes_fetched": int(self.bytes_fetched),
+            "bytes_fetched": int(self.bytes_fetched), "ring_bytes": int(self.ring_bytes),
+            "memory_capped": self.memory_capped,
         }
-
-
-class _Queue:
-    """A bounded FIFO whose bound can grow while it is in use.
-
-    Two C queues and no condition variable: ``items`` holds what is queued and ``room``
-    one token per free place. The producer takes a token before it puts, the consumer
-    gives one back after it gets: one call each, blocking (without the GIL) only when
-    the queue is full or empty.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = 0
-        self.items: SimpleQueue = SimpleQueue()
-        self.room: SimpleQueue = SimpleQueue()
-        self.stopped = False
-        self.grow(capacity)
-
-    def put(self, item) -> bool:
-        self.room.get()
-        if self.stopped:
-            return False
-        self.items.put(item)
-        return True
-
-    def get(self):
-        item = self.items.get()
-        self.room.put(None)
-        return item
-
-    def take(self) -> tuple[Any, float]:
-        """The next item and the wait for it (``None`` once ``_END`` was put); an exception put
-        in is raised here, in the consumer."""
-        started = time.perf_counter()
-        item = self.get()
-        waited = time.perf_counter() - started
-        if item is _END:
-            return None, waited
-        if isinstance(item, BaseException):
-            raise item
-        return item, waited
-
-    def grow(self, capacity: int) -> None:
-        for _ in range(capacity - self.capacity):
-            self.room.put(None)
-        self.capacity = max(self.capacity, capacity)
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.room.put(None)  # a producer waiting for room wakes, and stops
 
 
 class Prefetcher:
@@ -148,11 +99,16 @@ class Prefetcher:
         producer: ``"thread"`` (batches made on a thread of this process) or ``"process"``
             (made by a forked child into a shared pinned ring, see :mod:`storage.feed`: on a
             many-core GPU host it keeps the producer off the training thread's GIL).
+        gather: ``"host"`` (batches gathered on the host, then copied), ``"device"`` (each
+            shuffle window copied to the device once, batches gathered there: see
+            :mod:`storage.device_gather`; also on CPU) or ``"auto"`` (device on CUDA when it fits).
+        device_transforms: ``{column: fn(tensor)}`` applied on the device to each batch (gather="device").
     """
 
     def __init__(self, source: Iterable, *, device: Any = None, depth: int = 2, num_workers: int = 0,
                  shard_depth: int | None = None, stall_target: float | None = None, max_depth: int = 16,
-                 window: int = 16, mp_context: str | None = None, producer: str = "thread"):
+                 window: int = 16, mp_context: str | None = None, producer: str = "thread", gather: str = "host",
+                 device_transforms: dict | None = None):
         from storage.loader import StreamingDataset
 
         self.source = source
@@ -181,7 +137,13 @@ class Prefetcher:
         self.mp_context = mp_context
         self.consumed = 0
         self.stats = PrefetchStats()
-        self._ring = _PinnedRing(self.device) if self.device.type == "cuda" else None
+        self._ring = PinnedRing(self.device) if self.device.type == "cuda" else None
+        from storage.device_gather import DeviceGather, resolve_gather
+
+        self.gather = resolve_gather(gather, self.dataset, self.device, self.num_workers, producer)
+        self._gatherer = DeviceGather(self.dataset, self.device, self._ring.stream if self._ring else None,
+                                      device_transforms) if self.gather == "device" else None
+        self._batch_bytes = 0
 
     # ------------------------------------------------------------------ the training loop's API
 
@@ -210,7 +172,7 @@ class Prefetcher:
         if self.producer == "process":
             yield from self._iter_process()
             return
-        queue = _Queue(self.depth)
+        queue = GrowableQueue(self.depth)
         source, start = self._open_source()
         self.consumed = start
         self.stats = PrefetchStats(depth=self.depth, shard_depth=self.shard_depth)
@@ -271,6 +233,11 @@ class Prefetcher:
     def _open_source(self):
         if self.dataset is None:
             return iter(self.source), 0
+        if self._gatherer is not None:
+            self.dataset.shard_depth = self.shard_depth
+            start = self.dataset.resume_offset(1)
+            self.dataset.forget_resume()
+            return self._gatherer.batches(start, fetch_depth=lambda: self.shard_depth), start
         if self.num_workers == 0:
             self.dataset.shard_depth = self.shard_depth
             out = self._ring.provider(self.dataset) if self._ring is not None else None
@@ -286,16 +253,16 @@ class Prefetcher:
         self.dataset.forget_resume()
         return source, start
 
-    def _produce(self, source, queue: _Queue) -> None:
+    def _produce(self, source, queue: GrowableQueue) -> None:
         try:
             for batch in source:
-                item = self._ring.to_device(batch) if self._ring is not None else batch
+                item = self._ring.to_device(batch) if self._ring is not None and self._gatherer is None else batch
                 if not queue.put(item):
                     break
             else:
                 if self.dataset is not None and self.num_workers == 0:
                     self.dataset.preload(self.dataset.epoch + 1)  # the usual next epoch
-                queue.put(_END)
+                queue.put(END)
         except BaseException as exc:  # handed to the consumer, raised there
             queue.put(exc)
         finally:
@@ -311,6 +278,11 @@ class Prefetcher:
             stats.step_stall_s.append(stall)
             first = next(iter(batch.values()), None)
             stats.samples += int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 0
+            if stats.steps == 1:
+                self._batch_bytes = sum(v.numel() * v.element_size() for v in batch.values() if hasattr(v, "numel"))
+        else:
+            stats.ring_bytes = (self._ring.nbytes if self._ring is not None else 0) + (
+                self._gatherer.host_bytes if self._gatherer is not None else 0)
         if counters is not None and (final or stats.steps % 8 == 1):  # sampled: cheap, not free
             now = counters.total()
             reads = (now["hits"] - base["hits"]) + (now["misses"] - base["misses"])
@@ -320,9 +292,11 @@ class Prefetcher:
             stats.bytes_in_flight_mean += (now["bytes_in_flight"] - stats.bytes_in_flight_mean) / stats.flight_samples
             stats.bytes_fetched = now["bytes_fetched"] - base["bytes_fetched"]
 
-    def _tune(self, share: float, queue: _Queue) -> None:
+    def _tune(self, share: float, queue: GrowableQueue) -> None:
         if share > self.stall_target:
-            if self.depth < self.max_depth:
+            room = self._device_room()
+            self.stats.memory_capped = self.stats.memory_capped or not room
+            if self.depth < self.max_depth and room:
                 self.depth += 1
                 queue.grow(self.depth)
             if self.shard_depth and self.shard_depth < MAX_DEPTH:
@@ -331,86 +305,15 @@ class Prefetcher:
         self.stats.tuning.append((self.stats.steps, self.depth, self.shard_depth, round(share, 4)))
 
 
-class _PinnedRing:
-    """Reusable pinned host buffers and the side-stream copies out of them (CUDA only)."""
-
-    def __init__(self, device):
+    def _device_room(self) -> bool:
+        """Whether one more batch waiting on the device fits (always, off CUDA)."""
+        if self.device.type != "cuda":
+            return True
         import torch
 
-        self.torch = torch
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self.slots: list[dict] = []
-        self.current: dict | None = None
+        from storage.device_gather import fits_on_device
 
-    def _slot(self) -> dict:
-        for slot in self.slots:
-            if slot["event"] is None or slot["event"].query():
-                break
-        else:
-            if len(self.slots) < 2 * MAX_DEPTH:
-                slot = {"event": None, "buffers": {}}
-                self.slots.append(slot)
-            else:
-                slot = min(self.slots, key=lambda s: s["used"])
-                slot["event"].synchronize()
-        slot["used"] = time.perf_counter()
-        slot["event"] = None
-        self.current = slot
-        return slot
-
-    def _buffer(self, slot: dict, name: str, shape: tuple, dtype) -> Any:
-        torch = self.torch
-        buf = slot["buffers"].get(name)
-        rows = shape[0]
-        if buf is None or buf.shape[1:] != shape[1:] or buf.dtype != dtype or buf.shape[0] < rows:
-            buf = torch.empty((max(rows, 1), *shape[1:]), dtype=dtype, pin_memory=True)
-            slot["buffers"][name] = buf
-        return buf[:rows]
-
-    def provider(self, dataset):
-        """Buffers a dataset gathers straight into: its numeric columns without transforms."""
-        torch = self.torch
-        specs = [s for s in dataset.specs if s.numeric and s.name not in dataset.transforms]
-
-        def out(rows: int) -> dict[str, np.ndarray]:
-            slot = self._slot()
-            return {s.name: self._buffer(slot, s.name, (rows, *s.shape), _torch_dtype(torch, s.dtype)).numpy()
-                    for s in specs}
-
-        return out
-
-    def to_device(self, batch: dict[str, Any]):
-        torch = self.torch
-        slot = self.current if self.current is not None and self.current["event"] is None else self._slot()
-        self.current = None
-        out = {}
-        with torch.cuda.stream(self.stream):
-            for name, value in batch.items():
-                if not isinstance(value, torch.Tensor):
-                    out[name] = value
-                    continue
-                host = value if value.is_pinned() else self._buffer(slot, name, tuple(value.shape), value.dtype)
-                if host is not value:
-                    host.copy_(value)
-                out[name] = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        slot["event"] = event
-        return out, event
-
-    def hand_over(self, item) -> dict[str, Any]:
-        batch, event = item
-        stream = self.torch.cuda.current_stream(self.device)
-        stream.wait_event(event)
-        for value in batch.values():
-            if isinstance(value, self.torch.Tensor):
-                value.record_stream(stream)
-        return batch
-
-
-def _torch_dtype(torch, dtype: np.dtype):
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        return fits_on_device(self._batch_bytes, torch.cuda.mem_get_info(self.device)[0], share=0.1)
 
 
 def _device(device):

@@ -1,7 +1,8 @@
 """Source files for staging: listing, inspection and reading, any fsspec URL.
 
 A source is a file, a folder (searched recursively), or a glob, of Parquet, CSV, JSON
-Lines or NumPy files. Inspection reads schemas and row counts up front, so every bad
+Lines or NumPy files, or of plain text files (``.txt``, ``.md``, ``.py``: one row, column
+``text``, per file; chosen by ``format="text"``, or in ``auto`` where no data files match). Inspection reads schemas and row counts up front, so every bad
 input is refused before anything is written. Reading is split into *units* (Parquet row
 groups, NumPy row ranges, whole CSV/JSONL files) that staging groups into coarse tasks.
 
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from storage.errors import ConfigError, SourceError
 from storage.urls import is_local, url_to_fs
 
-SOURCE_FORMATS = ("auto", "parquet", "csv", "jsonl", "npy")
+SOURCE_FORMATS = ("auto", "parquet", "csv", "jsonl", "npy", "text")
 EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -37,6 +38,8 @@ EXTENSIONS = {
     ".npy": "npy",
     ".npz": "npy",
 }
+TEXT_FILE_EXTENSIONS = (".txt", ".md", ".py")
+TEXT_COLUMN = "text"
 TEXT_FORMATS = ("csv", "jsonl")
 SHAPE_KEY = b"swarm.shape"
 NPY_COLUMN = "data"
@@ -99,19 +102,21 @@ def list_files(url: str, fmt: str = "auto", storage_options: dict | None = None)
         raise
     except (FileNotFoundError, PermissionError, OSError) as exc:
         raise SourceError(f"cannot list source {url!r}: {exc}") from None
-    files = []
+    files, texts = [], []
     for p in sorted(infos):
         name = p.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")):
-            continue  # hidden files, _SUCCESS markers, our own temporaries
+        if name.startswith(".") or (name.startswith("_") and not name.lower().endswith(TEXT_FILE_EXTENSIONS)):
+            continue  # hidden files, _SUCCESS markers, our own temporaries (but _private.py, __init__.py count)
         file_fmt = _format_of(p, fmt)
-        if file_fmt is None:
+        if file_fmt is None and not p.lower().endswith(TEXT_FILE_EXTENSIONS):
             continue
         info = infos[p]
         version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or "")
-        files.append(SourceFile(fs.unstrip_protocol(p), file_fmt, int(info.get("size") or 0), version))
+        found = SourceFile(fs.unstrip_protocol(p), file_fmt or "text", int(info.get("size") or 0), version)
+        (files if file_fmt else texts).append(found)
+    files = files or texts  # text files count in ``auto`` only where no data files match
     if not files:
-        wanted = ", ".join(sorted(EXTENSIONS)) if fmt == "auto" else f"{fmt} files"
+        wanted = ", ".join(sorted(EXTENSIONS) + list(TEXT_FILE_EXTENSIONS)) if fmt == "auto" else f"{fmt} files"
         raise SourceError(f"source {url!r} holds no input files (looked for {wanted})")
     return files
 
@@ -132,6 +137,9 @@ def inspect(file: SourceFile, unit_bytes: int, storage_options: dict | None = No
             return _inspect_parquet(fs, path, file)
         if file.format == "npy":
             return _inspect_numpy(fs, path, file, unit_bytes)
+        if file.format == "text":  # one document per file: nothing to read before staging
+            unit = SourceUnit(file.url, "text", 0, None, 1, max(1, file.size))
+            return InspectedFile(file, TEXT_SCHEMA, 1, [unit])
         table = _read_text(fs, path, file.url, file.format, schema=None)
         unit = SourceUnit(file.url, file.format, 0, None, table.num_rows, table.nbytes)
         return InspectedFile(file, table.schema, table.num_rows, [unit])
@@ -143,7 +151,8 @@ def inspect(file: SourceFile, unit_bytes: int, storage_options: dict | None = No
         raise SourceError(f"{file.url!r} is not a valid {_FORMAT_NAMES[file.format]} file: {_short(exc)}") from None
 
 
-_FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON Lines", "npy": "NumPy"}
+_FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON Lines", "npy": "NumPy", "text": "text"}
+TEXT_SCHEMA = pa.schema([pa.field(TEXT_COLUMN, pa.string())])
 
 
 def _short(exc: BaseException) -> str:
@@ -344,6 +353,8 @@ def read_unit(unit: SourceUnit, schema: pa.Schema, storage_options: dict | None 
                 table = pq.ParquetFile(f).read_row_groups(list(range(unit.start, unit.stop)))
         elif unit.format == "npy":
             table = _read_npz(fs, path, unit.url) if path.lower().endswith(".npz") else _read_npy_rows(fs, path, unit)
+        elif unit.format == "text":
+            table = _read_text_file(fs, path, unit.url)
         else:
             table = _read_text(fs, path, unit.url, unit.format, schema)
     except SourceError:
@@ -356,6 +367,15 @@ def read_unit(unit: SourceUnit, schema: pa.Schema, storage_options: dict | None 
     if table.schema != schema:
         table = table.cast(schema)
     return table
+
+
+def _read_text_file(fs, path: str, url: str) -> pa.Table:
+    data = fs.cat_file(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{url!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    return pa.table({TEXT_COLUMN: pa.array([text], pa.string())})
 
 
 def _open_for_arrow(fs, path: str):

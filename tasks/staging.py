@@ -13,45 +13,35 @@ the ones already stored. Tasks are cut at unit boundaries, so each unit is read 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage import codecs, layout, manifest as manifest_mod, sources
-from storage.atomic import TMP_PREFIX
-from storage.errors import ConfigError, DestinationError, SourceError, SwarmError
+from storage.cleanup import remove_unreferenced
+from storage.errors import SourceError
 from storage.manifest import Manifest, ShardEntry
-from storage.shard_writer import PART_PREFIX, ShardSpec, write_shard
+from storage.shard_writer import ShardSpec, write_shard
 from storage.sources import SourceUnit
-from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
+from storage.urls import url_to_fs
 from tasks import datasets
-
-SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
-_URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
-
-
-def check_storage_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Refuse credentials in parameters the Prefect UI would show; point to the right place."""
-    for key in options:
-        if key == CREDENTIALS_OPTION:
-            continue  # names a block; the secret itself stays in the block
-        if any(word in key.lower() for word in SECRET_WORDS) or key.lower() in ("key", "secret"):
-            raise ConfigError(
-                f"storage option {key!r} looks like a credential; parameters are shown in the Prefect UI, "
-                "so pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
-                f"or a Prefect Secret block named by the storage option {CREDENTIALS_OPTION!r}"
-            )
-    return options
+from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
+from tasks.retries import retry_unless_user_error
+from tasks.step_status import StepStatus
+from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
+from tasks.text import plan as text_plan
+from tasks.text.options import TextOptions
 
 
 class StageOptions(BaseModel):
@@ -59,28 +49,14 @@ class StageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["auto", "parquet", "csv", "jsonl", "npy"] = Field("auto", description="Source file format")
-    codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Shard compression codec")
+    format: SourceFormat = Field("auto", description="Source file format")
+    codec: Codec = Field("zstd", description="Shard compression codec")
     level: int | None = Field(None, description="Codec level (zstd 1..22, lz4 1..12); empty for the default")
-    shard_size: ByteSize = Field(ByteSize(64_000_000), description="Target decoded bytes per shard, e.g. 64MB")
-    shard_format: Literal["arrow", "parquet"] = Field("arrow", description="Shard file format")
+    shard_size: byte_size("shard size") = Field(
+        "64MB", validate_default=True, description="Target decoded bytes per shard (e.g. 64MB, 1GiB)")
+    shard_format: ShardFormat = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
     seed: int = Field(0, ge=0, description="Seed of the train/val split")
-
-    @field_validator("shard_size", mode="before")
-    @classmethod
-    def _positive_size(cls, value: Any) -> Any:
-        text = str(value).strip()
-        if text.startswith("-") or (isinstance(value, (int, float)) and value <= 0) or text in ("0", "0B"):
-            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value!r})")
-        return value
-
-    @field_validator("shard_size")
-    @classmethod
-    def _nonzero_size(cls, value: ByteSize) -> ByteSize:
-        if value <= 0:
-            raise ValueError(f"shard size must be greater than 0 bytes, like 64MB or 1GiB (got {value})")
-        return value
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> "StageOptions":
@@ -88,39 +64,16 @@ class StageOptions(BaseModel):
         return self
 
 
-# A flow parameter of fsspec options, checked for credentials wherever it is declared.
-StorageOptions = Annotated[dict[str, Any], AfterValidator(check_storage_options)]
-
-
-class StorageAccess(BaseModel):
-    """Where the work runs and how storage is reached (never credentials: the UI shows these)."""
-
-    storage_options: StorageOptions = Field(
-        default_factory=dict, description="fsspec storage options (endpoint_url, …); never credentials"
-    )
-    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler")
-
-    @model_validator(mode="after")
-    def _no_credentials_in_urls(self) -> "StorageAccess":
-        for name, value in self:
-            if isinstance(value, str) and any(_URL_CREDENTIALS.match(part) for part in value.split("::")):
-                raise ValueError(
-                    f"{name} carries credentials in its URL (user:password@…); parameters are shown in the Prefect "
-                    "UI, so pass credentials through the environment or a Prefect Secret block named by the storage "
-                    f"option {CREDENTIALS_OPTION!r}"
-                )
-        return self
-
-
 class StageTarget(BaseModel):
     source: str = Field(
-        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy files; "
-        "s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens"
+        description="Source: an fsspec URL (file, folder or glob of Parquet/CSV/JSONL/NumPy or .txt/.md/.py "
+        "files; s3://…, memory://…) or a built-in dataset: digits, synthetic-image, synthetic-tokens, "
+        "python-help, python-stdlib"
     )
     dest: str = Field(description="Destination dataset root, any fsspec URL")
 
 
-class StageConfig(StorageAccess, StageOptions, StageTarget):
+class StageConfig(StorageAccess, TextOptions, StageOptions, StageTarget):
     """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
 
 
@@ -136,7 +89,9 @@ class StagePlan:
     metadata: dict[str, Any]
     source: dict[str, Any]
     previous: Manifest | None
+    key: str = ""  # content hash of the source listing, the options and the destination
     up_to_date: bool = False
+    text: text_plan.TextPlan | None = None  # set where the source is staged as text
 
     @property
     def shard_count(self) -> int:
@@ -157,6 +112,7 @@ class GroupTask:
     val_fraction: float
     seed: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    text: text_plan.TextSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +124,7 @@ class GroupResult:
     rows: int
     seconds: float
     worker: str = ""
+    text: dict[str, int] | None = None  # counts of tokenized text
 
 
 class StageResult(BaseModel):
@@ -187,6 +144,7 @@ class StageResult(BaseModel):
     rows_per_second: float
     up_to_date: bool
     manifest_hash: str
+    text: dict[str, Any] | None = None  # text: documents, tokens, vocab_size, packing, seq_len
 
 
 # --------------------------------------------------------------------------- plan
@@ -227,40 +185,14 @@ def _metadata_from_schema(schema: pa.Schema) -> dict[str, Any]:
             meta["feature"] = others[0].name
             shape = (others[0].metadata or {}).get(sources.SHAPE_KEY)
             if shape:
-                import json
-
                 meta["shape"] = json.loads(shape)
     return meta
-
-
-def check_destination(dest: str, storage_options: dict[str, Any], role: str = "destination"):
-    """``(fs, root)`` of a dataset's destination: a folder or a new path, in a bucket that
-    exists. ``role`` is what errors call it (the CLI argument's name)."""
-    fs, root = url_to_fs(dest, storage_options)
-    root = root.rstrip("/")
-    try:
-        if fs.isfile(root):
-            raise DestinationError(f"{role} {dest!r} is an existing file; give a folder (or a new path) for the dataset")
-        if protocol_of(fs) not in ("file", "local", "memory"):
-            bucket = root.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise DestinationError(f"{role} bucket {bucket!r} does not exist ({dest!r}); create it first")
-    except SwarmError:
-        raise
-    except (PermissionError, OSError) as exc:
-        raise DestinationError(f"cannot reach {role} {dest!r}: {exc}") from None
-    return fs, root
 
 
 def plan_stage(config: StageConfig) -> StagePlan:
     """Inspect the source and destination and fix the shard layout; writes nothing."""
     fs, root = check_destination(config.dest, config.storage_options)
-    unit_bytes = int(config.shard_size)
-    if datasets.is_builtin(config.source):
-        schema, units, rows, bytes_in, metadata, fp = _inspect_builtin(config.source, unit_bytes)
-    else:
-        _refuse_unknown_builtin(config.source)
-        schema, units, rows, bytes_in, metadata, fp = _inspect_files(config, unit_bytes)
+    schema, units, rows, bytes_in, metadata, fp = inspect_source(config)
     if rows == 0:
         raise SourceError(f"source {config.source!r} has zero rows; nothing to stage")
     if not schema.names:
@@ -273,35 +205,34 @@ def plan_stage(config: StageConfig) -> StagePlan:
     assert acc == rows, (acc, rows)
     options = config.model_dump(include=set(StageOptions.model_fields))
     source = {"source": _redact(config.source), "fingerprint": fp, "options": options, "shards": len(bounds) - 1}
+    text = None
+    if text_plan.is_text(config, metadata, units):
+        text = text_plan.request(config, config.source, config.storage_options)
+        text_plan.check_column(text, schema, config.source)
+        if bytes_in == 0:
+            raise SourceError(f"source {config.source!r} holds no text (every file is empty); nothing to stage")
+        source["text"] = text.identity
     previous = manifest_mod.read_if_exists(fs, root)
-    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous)
+    body = json.dumps({"source": fp, "dest": config.dest, "options": options, "text": source.get("text")},
+                      sort_keys=True, default=str)
+    plan = StagePlan(config, schema, units, offsets, rows, bytes_in, bounds, metadata, source, previous,
+                     key=hashlib.sha256(body.encode()).hexdigest())
     plan.up_to_date = previous is not None and previous.source == source and _all_present(fs, root, previous)
+    if text is not None and not plan.up_to_date:
+        texts = text_plan.train_texts(units, text.column, lambda u: read_rows(u, schema, config.storage_options),
+                                      keep=lambda rows: ~split_mask(rows, config.seed, config.val_fraction))
+        plan.text = text_plan.prepare(text, config, config.source, metadata, texts)
     return plan
 
 
-def stage_identity(config: StageConfig) -> tuple[str, bool]:
-    """A content key of this staging (source content, options, destination) and whether the
-    destination already holds exactly its result. Lists the source; reads no data."""
-    import hashlib
-    import json
-
+def inspect_source(config: StageConfig | Any, unit_bytes: int | None = None):
+    """``(schema, units, rows, bytes_in, metadata, fingerprint)`` of a source (a config's
+    ``source``, ``format`` and ``storage_options``); reads schemas, not data."""
+    unit_bytes = unit_bytes or int(config.shard_size)
     if datasets.is_builtin(config.source):
-        fp = "builtin:" + config.source
-    else:
-        _refuse_unknown_builtin(config.source)
-        fp = sources.fingerprint(sources.list_files(config.source, config.format, config.storage_options))
-    options = config.model_dump(include=set(StageOptions.model_fields))
-    body = json.dumps({"source": fp, "dest": config.dest, "options": options}, sort_keys=True, default=str)
-    key = hashlib.sha256(body.encode()).hexdigest()
-    fs, root = url_to_fs(config.dest, config.storage_options)
-    previous = manifest_mod.read_if_exists(fs, root.rstrip("/"))
-    current = (
-        previous is not None
-        and previous.source.get("fingerprint") == fp
-        and previous.source.get("options") == options
-        and _all_present(fs, root.rstrip("/"), previous)
-    )
-    return key, current
+        return _inspect_builtin(config.source, unit_bytes)
+    _refuse_unknown_builtin(config.source)
+    return _inspect_files(config, unit_bytes)
 
 
 def _refuse_unknown_builtin(source: str) -> None:
@@ -341,7 +272,7 @@ def group_tasks(plan: StagePlan, n_groups: int) -> list[GroupTask]:
         ]
         tasks.append(
             GroupTask(g, cfg.dest, first, tuple(plan.bounds[first:end + 1]), units, plan.schema, spec,
-                      cfg.val_fraction, cfg.seed, cfg.storage_options)
+                      cfg.val_fraction, cfg.seed, cfg.storage_options, plan.text.spec if plan.text else None)
         )
     return tasks
 
@@ -361,10 +292,11 @@ def split_mask(rows: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
 
 
-def _read_rows(unit: SourceUnit, task: GroupTask) -> pa.Table:
+def read_rows(unit: SourceUnit, schema: pa.Schema, storage_options: dict[str, Any]) -> pa.Table:
+    """The rows of one source unit (of a built-in or of files)."""
     if unit.format == BUILTIN:
         return datasets.open_builtin(unit.url.split(":", 1)[1]).read(unit.start, unit.stop)
-    return sources.read_unit(unit, task.schema, task.storage_options)
+    return sources.read_unit(unit, schema, storage_options)
 
 
 def write_group(task: GroupTask) -> GroupResult:
@@ -380,6 +312,7 @@ def write_group(task: GroupTask) -> GroupResult:
     pending_start = lo
     pending_rows = 0
     k = 0  # the group's next shard to write
+    text_counts = text_plan.TextCounts() if task.text else None
 
     def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
@@ -389,6 +322,9 @@ def write_group(task: GroupTask) -> GroupResult:
             ("val", table.filter(pa.array(mask))),
         ]
         for split, part in parts:
+            if part.num_rows and task.text:
+                part, counts = text_plan.tokenize_table(part, task.text)
+                text_counts.add(counts)
             if part.num_rows == 0:
                 continue
             out = write_shard(fs, root, split, index, part, task.spec)
@@ -397,7 +333,7 @@ def write_group(task: GroupTask) -> GroupResult:
             written += not out.skipped
 
     for offset, unit in task.units:
-        table = _read_rows(unit, task)
+        table = read_rows(unit, task.schema, task.storage_options)
         if table.num_rows != unit.rows:
             raise SourceError(
                 f"{unit.url!r} changed while staging: expected {unit.rows} rows in this part, read {table.num_rows}"
@@ -414,7 +350,8 @@ def write_group(task: GroupTask) -> GroupResult:
             k += 1
     assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       worker=f"{socket.gethostname()}:{os.getpid()}",
+                       text=vars(text_counts) if text_counts else None)
 
 
 # --------------------------------------------------------------------------- commit
@@ -430,16 +367,19 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         written, skipped = 0, len(manifest.shards)
     else:
         entries = sorted((e for r in results for e in r.entries), key=lambda e: (e.split, e.name))
-        got = sum(e.rows for e in entries)
+        got = sum(e.rows for e in entries) if plan.text is None else sum(r.text["documents"] for r in results)
         if got != plan.rows:
             raise SourceError(f"staged {got} rows but the source has {plan.rows}; the source changed while staging")
+        schema, metadata = plan.schema, plan.metadata
+        if plan.text is not None:
+            schema, metadata = text_plan.before_manifest(fs, root, plan.text, [r.text for r in results])
         manifest = Manifest(
             shard_format=cfg.shard_format,
             codec=cfg.codec,
             level=cfg.level,
-            schema=plan.schema,
+            schema=schema,
             shards=entries,
-            metadata=plan.metadata,
+            metadata=metadata,
             source=plan.source,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -466,53 +406,22 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         rows_per_second=round(manifest.rows / seconds, 1) if seconds > 0 else 0.0,
         up_to_date=plan.up_to_date,
         manifest_hash=manifest.content_hash(),
+        text=text_plan.summary(manifest.metadata),
     )
 
 
-def remove_unreferenced(fs, root: str, keep: list[Manifest | None]) -> int:
-    """Delete shard files (and stale temporaries) that none of ``keep`` names."""
-    names = {s.name for m in keep if m is not None for s in m.shards}
-    removed = 0
-    try:
-        found = fs.find(root)
-    except (FileNotFoundError, OSError):
-        return 0
-    prefix = fs._strip_protocol(root).rstrip("/") + "/"
-    for path in found:
-        rel = path[len(prefix):] if path.startswith(prefix) else path
-        base = rel.rsplit("/", 1)[-1]
-        if "/" not in rel:
-            # Files at the root (index.json, user files) are never touched, except the
-            # temporary of a manifest write that was killed before its rename.
-            if base.startswith(TMP_PREFIX) and base.endswith(f"-{manifest_mod.MANIFEST_NAME}"):
-                removed += _remove_quietly(fs, path)
-            continue
-        if (base.startswith(PART_PREFIX) or base.startswith(TMP_PREFIX)) and rel not in names:
-            removed += _remove_quietly(fs, path)
-    return removed
+def stage_here(config: StageConfig, groups: int = 2) -> StageResult:
+    """Stage in this process, without Prefect or Dask: plan, write each group in turn, commit.
 
-
-def _remove_quietly(fs, path: str) -> int:
-    try:
-        fs.rm_file(path)
-        return 1
-    except (FileNotFoundError, OSError):
-        return 0
+    The same steps as the staging flow, for tests, benchmarks and scripts; nothing is
+    written when the destination already holds this staging."""
+    started = time.perf_counter()
+    plan = plan_stage(config)
+    results = [] if plan.up_to_date else [write_group(group) for group in group_tasks(plan, groups)]
+    return commit(plan, results, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- Prefect tasks
-
-
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """A task's retry condition: transient failures are retried, a user's mistake (bad input,
-    damaged data) is not, as it would fail alike."""
-    try:
-        state.result()
-    except SwarmError:
-        return False
-    except Exception:
-        return True
-    return False
 
 
 @task(name="plan-staging", cache_policy=NO_CACHE)
@@ -532,3 +441,10 @@ def write_group_task(group: GroupTask) -> GroupResult:
 def commit_task(plan: StagePlan, results: list[GroupResult], seconds: float) -> StageResult:
     """Write the manifest last and atomically; clean up unreferenced shards."""
     return commit(plan, results, seconds)
+
+
+@task(name="stage-status", cache_policy=NO_CACHE)
+def stage_status_task(config: StageConfig) -> StepStatus:
+    """The staging's content key, whether the destination already holds it, and its plan."""
+    plan = plan_stage(config)
+    return StepStatus(plan.key, plan.up_to_date, config, plan)

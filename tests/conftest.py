@@ -39,12 +39,12 @@ def s3(session_dir):
 @pytest.fixture(scope="session")
 def prefect_api(session_dir, s3):
     """A real Prefect server for the whole session (``s3`` first: its env must reach workers)."""
-    from deployments.runtime import _use_api
+    from deployments.runtime import use_api
     from tests.services import start_prefect
 
     os.environ["SWARM_HOME"] = str(session_dir / "swarm-home")
     server = start_prefect(session_dir / "prefect")
-    _use_api(server.url)
+    use_api(server.url)
     yield server.url
     server.stop()
 
@@ -82,11 +82,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
 
 def stage_plain(n_groups: int = 2, **kwargs):
     """Staging without Prefect or Dask: plan, write every group, commit."""
-    from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+    from tasks.staging import StageConfig, stage_here
 
-    plan = plan_stage(StageConfig(**kwargs))
-    results = [] if plan.up_to_date else [write_group(g) for g in group_tasks(plan, n_groups)]
-    return commit(plan, results, 1.0)
+    return stage_here(StageConfig(**kwargs), n_groups)
 
 
 def infer_plain(n_groups: int = 2, **kwargs):

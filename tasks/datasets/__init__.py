@@ -3,6 +3,7 @@
 ``digits``            scikit-learn's 1,797 handwritten 8x8 digits (real, ships in the package)
 ``synthetic-image``   deterministic image-like rows of any size (``synthetic`` for short)
 ``synthetic-tokens``  deterministic token sequences of any size
+``python-help``       Python's help topics, ``python-stdlib`` its standard library's sources (text)
 
 Every built-in reads any row range on its own, so staging tasks generate their slices in
 parallel without the driver touching the data.
@@ -16,6 +17,7 @@ from urllib.parse import parse_qsl
 import pyarrow as pa
 
 from storage.errors import ConfigError
+from tasks.datasets.params import check_params, int_param  # noqa: F401 - for the built-ins
 
 
 class BuiltinDataset(Protocol):
@@ -59,30 +61,14 @@ def open_builtin(spec: str) -> BuiltinDataset:
     return factory(**params)
 
 
-def int_param(dataset: str, key: str, value, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{dataset}: {key}={value!r} is not an integer") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{dataset}: {key}={number} is out of range; allowed: {low}..{high}")
-    return number
-
-
-def check_params(dataset: str, given: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{dataset}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
-        )
-
-
 def _load_builtins() -> None:
     if REGISTRY:
         return
-    from tasks.datasets import digits, synthetic
+    from tasks.datasets import digits, synthetic, text
 
     register("digits", digits.Digits)
     register("synthetic-image", synthetic.SyntheticImages)
     register("synthetic", synthetic.SyntheticImages)
     register("synthetic-tokens", synthetic.SyntheticTokens)
+    register("python-help", text.PythonHelp)
+    register("python-stdlib", text.PythonStdlib)

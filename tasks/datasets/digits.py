@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.sources import SHAPE_KEY
-from tasks.datasets import check_params
+from tasks.datasets.params import check_params
 
 SHAPE = (1, 8, 8)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.sources import SHAPE_KEY
-from tasks.datasets import check_params, int_param
+from tasks.datasets.params import check_params, int_param
 
 BLOCK = 1024
 MAX_ROWS = 10**10

@@ -73,11 +73,10 @@ class ReplicaSet:
     @staticmethod
     def _scheduler(config: ServeConfig) -> str:
         address = config.dask_address or os.environ.get("SWARM_DASK_ADDRESS")
-        if address:
-            return address if "://" in address else f"tcp://{address}"
-        from deployments.cluster import scheduler_address  # a local cluster of worker processes
-
-        return scheduler_address(None, workers=config.replica_bounds[1])
+        if not address:  # the caller starts a local cluster (deployments.cluster.with_serving_cluster)
+            raise ConfigError("replicas on Dask workers need a scheduler: pass --dask-address ADDR, set "
+                              "SWARM_DASK_ADDRESS, or serve --in-process")
+        return address if "://" in address else f"tcp://{address}"
 
     # ------------------------------------------------------------------ starting and stopping
 

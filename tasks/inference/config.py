@@ -1,4 +1,6 @@
-"""Serving parameters: ``swarm serve`` and :func:`tasks.inference.server.serve`."""
+"""Inference parameters: online serving (``ServeConfig``: ``swarm serve-model`` and
+:func:`tasks.inference.server.serve`) and offline batch inference (``InferConfig``:
+``batch_inference`` and ``swarm infer``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.staging import check_storage_options
+from tasks.fields import Codec
+from tasks.storage_access import StorageAccess, check_storage_options
 
 
 class ServeConfig(BaseModel):
@@ -86,3 +89,31 @@ class ServeConfig(BaseModel):
 
     def replica_threads(self) -> int:
         return self.threads_per_replica or max(1, (os.cpu_count() or 1) // self.replicas)
+
+
+class InferOptions(BaseModel):
+    """How to run the model over the data (shared with the lifecycle flow)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    split: str | None = Field(None, description="Split to predict (default: every split)")
+    max_batch_size: int = Field(1024, ge=1, le=1_000_000, description="Rows per model call at most")
+    initial_batch_size: int = Field(32, ge=1, description="Where the adaptive batch size starts")
+    adaptive: bool = Field(True, description="Adapt the batch size (else every batch has max_batch_size rows)")
+    latency_target_ms: float | None = Field(None, gt=0, description="Stop growing batches whose compute passes this")
+    memory_cap_mb: float | None = Field(None, gt=0, description="Batches whose activations pass this count as OOM")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the worker's GPU when it has one")
+    kernel: Literal["auto", "eager"] = Field(
+        "auto", description="CPU: auto tries oneDNN against eager per task and keeps the faster; eager: the model as is")
+    probabilities: bool = Field(False, description="Also write each row's class probabilities")
+    codec: Codec = Field("zstd", description="Codec of the prediction shards")
+
+
+class InferTarget(BaseModel):
+    model: str = Field(description="Model: an optimized model folder, a checkpoint folder, or a checkpoint root")
+    dataset: str = Field(description="Staged dataset to predict")
+    output: str = Field(description="Where the prediction dataset goes (any fsspec URL)")
+
+
+class InferConfig(StorageAccess, InferOptions, InferTarget):
+    """Parameters of ``batch_inference`` and ``swarm infer``."""

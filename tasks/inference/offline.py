@@ -25,15 +25,17 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from storage import checkpoint as ckpt, codecs, manifest as manifest_mod
+from storage.cleanup import remove_unreferenced
 from storage.dataset import Dataset
 from storage.errors import ConfigError, ManifestError
 from storage.manifest import Manifest, ShardEntry
 from storage.urls import url_to_fs
+from tasks.inference.config import InferConfig, InferOptions, InferTarget  # noqa: F401 - also importable from here
 from tasks.inference.offline_checks import check_output, model_columns
 from tasks.inference.prediction_shards import (
     FORMAT,
@@ -45,41 +47,14 @@ from tasks.inference.prediction_shards import (
     schema_of,
     write_predictions,
 )
-from tasks.staging import StorageAccess, remove_unreferenced, retry_unless_user_error
+from tasks.retries import retry_unless_user_error
+from tasks.step_status import StepStatus, keyed_status
 from tasks.training.data import Columns
 
 # Offline only throughput counts: two sizes in a row may fail to beat the current one before
 # the batch size settles (throughput over batch size has bumps; see BENCHMARKS.md).
 GROWTH_PATIENCE = 2
 MODEL_FORMATS = (ckpt.FORMAT_ID, ckpt.MODEL_FORMAT_ID)
-
-
-class InferOptions(BaseModel):
-    """How to run the model over the data (shared with the lifecycle flow)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    split: str | None = Field(None, description="Split to predict (default: every split)")
-    max_batch_size: int = Field(1024, ge=1, le=1_000_000, description="Rows per model call at most")
-    initial_batch_size: int = Field(32, ge=1, description="Where the adaptive batch size starts")
-    adaptive: bool = Field(True, description="Adapt the batch size (else every batch has max_batch_size rows)")
-    latency_target_ms: float | None = Field(None, gt=0, description="Stop growing batches whose compute passes this")
-    memory_cap_mb: float | None = Field(None, gt=0, description="Batches whose activations pass this count as OOM")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the worker's GPU when it has one")
-    kernel: Literal["auto", "eager"] = Field(
-        "auto", description="CPU: auto tries oneDNN against eager per task and keeps the faster; eager: the model as is")
-    probabilities: bool = Field(False, description="Also write each row's class probabilities")
-    codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Codec of the prediction shards")
-
-
-class InferTarget(BaseModel):
-    model: str = Field(description="Model: an optimized model folder, a checkpoint folder, or a checkpoint root")
-    dataset: str = Field(description="Staged dataset to predict")
-    output: str = Field(description="Where the prediction dataset goes (any fsspec URL)")
-
-
-class InferConfig(StorageAccess, InferOptions, InferTarget):
-    """Parameters of ``batch_inference`` and ``swarm infer``."""
 
 
 @dataclass(frozen=True)
@@ -370,7 +345,14 @@ def _prefect_tasks():
     predict = task(name="predict-shards", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_unless_user_error,
                    cache_policy=NO_CACHE)(predict_group)
     commit = task(name="commit-predictions", cache_policy=NO_CACHE)(commit_inference)
-    return plan, predict, commit
+    status = task(name="infer-status", cache_policy=NO_CACHE)(infer_status)
+    return plan, predict, commit, status
 
 
-plan_inference_task, predict_group_task, commit_inference_task = _prefect_tasks()
+def infer_status(cfg: InferConfig, output_prefix: str) -> StepStatus:
+    """The inference's content key, its output folder (``output_prefix`` + key), and whether that
+    folder holds this model's predictions of this dataset."""
+    return keyed_status(cfg, "output", output_prefix, infer_identity, inference_finished)
+
+
+plan_inference_task, predict_group_task, commit_inference_task, infer_status_task = _prefect_tasks()

@@ -13,7 +13,7 @@ from storage.dataset import Dataset
 from storage.errors import ConfigError, DestinationError
 from storage.urls import protocol_of, url_to_fs
 from tasks.inference.prediction_shards import PREDICTIONS_KIND
-from tasks.staging import check_destination
+from tasks.storage_access import check_destination
 from tasks.training.data import Columns
 
 

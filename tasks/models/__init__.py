@@ -50,9 +50,15 @@ def resolve_factory(name: str, from_checkpoint: bool = False) -> Callable[..., A
     _load_builtins()
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith("hf:"):  # a transformers folder: safetensors only, no remote code (see tasks.models.hf)
+        from functools import partial
+
+        from tasks.models import hf
+
+        return partial(hf.build, name[len("hf:"):])
     if ":" not in name:
         raise ConfigError(
-            f"unknown model {name!r}; built-ins: {', '.join(sorted(REGISTRY))}, or give a factory as MODULE:FUNCTION"
+            f"unknown model {name!r}; built-ins: {', '.join(sorted(REGISTRY))}, a transformers folder as hf:URL, or a factory as MODULE:FUNCTION"
         )
     module_name, _, attr = name.partition(":")
     if from_checkpoint and not _trusted(module_name):
@@ -76,9 +82,14 @@ def _trusted(module_name: str) -> bool:
     return any(module_name == m or module_name.startswith(m + ".") for m in allowed)
 
 
-def build_model(name: str, kwargs: dict[str, Any] | None = None, from_checkpoint: bool = False):
-    """Instantiate a model from its spec, with a clear error for bad arguments."""
+def build_model(name: str, kwargs: dict[str, Any] | None = None, from_checkpoint: bool = False,
+                storage_options: dict | None = None):
+    """Instantiate a model from its spec, with a clear error for bad arguments.
+
+    ``storage_options`` reach only an ``hf:`` model's folder reader (they are never part of a spec)."""
     factory = resolve_factory(name, from_checkpoint)
+    if name.startswith("hf:") and storage_options:
+        kwargs = {**(kwargs or {}), "storage_options": storage_options}
     try:
         model = factory(**(kwargs or {}))
     except TypeError as exc:
@@ -90,7 +101,9 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None, from_checkpoint
     return model
 
 
-def default_model(metadata: dict[str, Any]) -> str:
+def default_model(metadata: dict[str, Any], task: str = "classify") -> str:
+    if task == "causal-lm" or metadata.get("kind") == "text":
+        return "gpt"
     return "transformer" if metadata.get("kind") == "tokens" else "mlp"
 
 
@@ -112,6 +125,8 @@ def infer_args(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
             args["in_channels"], args["image_size"] = int(shape[0]), int(shape[1])
         elif len(shape) == 2:
             args["in_channels"], args["image_size"] = 1, int(shape[0])
+    if name == "gpt":
+        args.pop("num_classes", None)
     if name in ("transformer", "gpt"):
         for key in ("vocab_size", "seq_len"):
             if key in metadata:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -103,6 +104,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # weight tying
+        self.checkpointing = False  # activation checkpointing of every block while training
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # GPT-2's scaled init of the residual projections
@@ -127,8 +129,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {t} tokens is longer than the model's context ({self.config.seq_len})")
         x = self.embed_tokens(tokens, torch.arange(t, device=tokens.device))
         for block in self.blocks:
-            x = block(x)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.ln_f(x))
+
+    def gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        self.checkpointing = True
 
     @torch.no_grad()
     def generate_greedy(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -36,13 +36,16 @@ def load_model(url: str, storage_options: dict | None = None) -> LoadedModel:
     tensors, meta = ckpt.load(resolved, storage_options, formats=(ckpt.FORMAT_ID, ckpt.MODEL_FORMAT_ID))
     spec = meta.get("model") or {}
     name, args = spec.get("name", ""), spec.get("args") or {}
+    build_args = args
+    if name.startswith("hf:") and (meta.get("hf") or {}).get("config"):  # rebuilt from its recorded config
+        build_args = {**args, "config": meta["hf"]["config"]}
     steps = meta.get("optimizations") or []
     if meta.get("format") == ckpt.MODEL_FORMAT_ID:
         from tasks.optimize.artifact import rebuild
 
-        model = rebuild(name, args, steps)
+        model = rebuild(name, build_args, steps)
     else:
-        model = build_model(name, args, from_checkpoint=True)
+        model = build_model(name, build_args, from_checkpoint=True)
         lora = meta.get("lora")
         if lora:
             from tasks.training.lora import apply_lora

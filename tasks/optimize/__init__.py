@@ -11,9 +11,10 @@ from prefect.cache_policies import NO_CACHE
 from tasks.optimize.config import STEP_ORDER, OptimizeConfig, OptimizeOptions
 from tasks.optimize.pipeline import OptimizePlan, OptimizeResult, optimize, prepare_optimization
 from tasks.optimize.report import comparison_rows
+from tasks.step_status import StepStatus, keyed_status
 
 __all__ = ["OptimizeConfig", "OptimizePlan", "OptimizeResult", "STEP_ORDER", "comparison_rows", "optimize",
-           "optimize_task", "prepare_optimization", "prepare_optimization_task"]
+           "optimize_status_task", "optimize_task", "prepare_optimization", "prepare_optimization_task"]
 
 
 def optimize_identity(cfg: OptimizeConfig) -> str:
@@ -53,3 +54,10 @@ def prepare_optimization_task(config: OptimizeConfig) -> OptimizePlan:
 def optimize_task(config: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
     """Optimize, measure before and after, and write the model only if the gate passes."""
     return optimize(config, plan)
+
+
+@task(name="optimize-status", cache_policy=NO_CACHE)
+def optimize_status_task(config: OptimizeConfig, output_prefix: str) -> StepStatus:
+    """The optimization's content key, its output folder (``output_prefix`` + key), and whether
+    that folder holds the optimized model."""
+    return keyed_status(config, "output", output_prefix, optimize_identity, optimization_finished)

@@ -55,8 +55,9 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
         raise DestinationError(f"output {url!r} is a folder with other files in it; give a new or empty folder")
 
 
-def save_artifact(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None) -> str:
-    return ckpt.write(url, tensors, meta, storage_options, format_id=ckpt.MODEL_FORMAT_ID)
+def save_artifact(url: str, tensors: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None,
+                  files: dict[str, bytes] | None = None) -> str:
+    return ckpt.write(url, tensors, meta, storage_options, format_id=ckpt.MODEL_FORMAT_ID, files=files)
 
 
 def rebuild(name: str, args: dict[str, Any], steps: list[dict[str, Any]]):

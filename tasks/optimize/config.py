@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.staging import StorageAccess
+from tasks.storage_access import StorageAccess
 
 Quantize = Literal["int8-dynamic", "int8-weight-only"]
 DType = Literal["bf16", "fp16"]
@@ -34,6 +34,9 @@ class OptimizeOptions(BaseModel):
     merge_lora: bool = Field(False, description="Fold the checkpoint's LoRA adapters into its weights")
     dtype: DType | None = Field(None, description="Cast weights to bf16 or fp16 (instead of quantizing)")
     max_accuracy_drop: float = Field(1.0, ge=0, le=100, description="Quality gate, in accuracy points")
+    max_perplexity_increase: float = Field(
+        0.05, ge=0, description="Quality gate of language models: the relative rise of validation perplexity allowed "
+                                "(0.05: 5%)")
     eval_split: str | None = Field(None, description="Split to score (default: 'val' if present, else all rows)")
     feature_column: str | None = Field(None, description="Input column of the eval dataset (default: the checkpoint's)")
     label_column: str | None = Field(None, description="Label column of the eval dataset (default: the checkpoint's)")

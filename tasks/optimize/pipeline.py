@@ -20,6 +20,7 @@ from tasks.optimize.prune import check_structured, prune_structured, prune_unstr
 from tasks.optimize.quantize import quantize_model
 from tasks.optimize.report import measure
 from tasks.training.data import Columns, feature_tensor, load_split, resolve_columns, to_arrays
+from tasks.training.lm import LMSpec
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class OptimizePlan:
     eval_split: str | None  # None: all rows
     eval_rows: int
     steps: tuple[str, ...]
+    lm: LMSpec | None = None  # a language model: scored by validation perplexity
 
 
 class OptimizeResult(BaseModel):
@@ -43,9 +45,11 @@ class OptimizeResult(BaseModel):
     steps: list[dict[str, Any]]
     before: dict[str, Any]
     after: dict[str, Any]
-    accuracy_drop: float  # points
+    accuracy_drop: float  # points (0 for a language model)
     max_accuracy_drop: float
     passed: bool
+    perplexity_increase: float | None = None  # language models: relative (0.05 = 5% higher)
+    max_perplexity_increase: float | None = None
     eval_dataset: str
     eval_split: str | None
     eval_rows: int
@@ -53,6 +57,13 @@ class OptimizeResult(BaseModel):
     seconds: float
 
     def gate_message(self) -> str:
+        if self.perplexity_increase is not None:
+            return (
+                f"quality gate: validation perplexity rose {100 * self.perplexity_increase:.2f}% "
+                f"({self.before['perplexity']:.4g} -> {self.after['perplexity']:.4g} on {self.eval_rows} blocks of "
+                f"{self.eval_dataset}), more than the allowed {100 * self.max_perplexity_increase:g}% "
+                "(--max-perplexity-increase); nothing was written"
+            )
         return (
             f"quality gate: accuracy fell {self.accuracy_drop:.2f} points "
             f"({100 * self.before['accuracy']:.2f}% -> {100 * self.after['accuracy']:.2f}% on {self.eval_rows} rows of "
@@ -101,6 +112,14 @@ def prepare_optimization(cfg: OptimizeConfig) -> OptimizePlan:
     if cfg.structured:
         check_structured(loaded.name)
     ds = Dataset.open(cfg.eval_dataset, cfg.storage_options)
+    if loaded.meta.get("task") == "causal-lm":
+        from tasks.optimize.lm import prepare_lm
+
+        split = _eval_split(ds, cfg.eval_split)
+        spec, rows = prepare_lm(cfg, loaded, ds, split)
+        check_output(cfg.output, cfg.storage_options)
+        return OptimizePlan(loaded.url, loaded.name, loaded.args, Columns(spec.column, None, None, None), split, rows,
+                            tuple(cfg.steps), spec)
     cols = resolve_columns(ds, cfg.feature_column or loaded.columns.get("feature"),
                            cfg.label_column or loaded.columns.get("label"))
     split = _eval_split(ds, cfg.eval_split)
@@ -140,18 +159,29 @@ def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     loaded = load_model(plan.checkpoint, cfg.storage_options)
-    x, y = load_split(cfg.eval_dataset, plan.eval_split, plan.columns, cfg.storage_options)
+    if plan.lm is not None:
+        from tasks.optimize.lm import eval_blocks
+
+        x, y = eval_blocks(cfg, plan), None
+    else:
+        x, y = load_split(cfg.eval_dataset, plan.eval_split, plan.columns, cfg.storage_options)
     original = copy.deepcopy(loaded.model)  # the steps change the model in place
     model, args, records = apply_steps(cfg, loaded)
     tensors = model_tensors(model)
-    before, after = measure([(original, model_tensors(original)), (model, tensors)], x, y, plan.columns)
-    drop = round(100 * (before.accuracy - after.accuracy), 4)
-    passed = drop <= cfg.max_accuracy_drop
+    before, after = measure([(original, model_tensors(original)), (model, tensors)], x, y, plan.columns, lm=plan.lm)
+    increase = None
+    if plan.lm is not None:
+        drop, increase = 0.0, round(after.perplexity / before.perplexity - 1, 6)
+        passed = increase <= cfg.max_perplexity_increase
+    else:
+        drop = round(100 * (before.accuracy - after.accuracy), 4)
+        passed = drop <= cfg.max_accuracy_drop
     result = OptimizeResult(
         output=cfg.output if passed else None, checkpoint=plan.checkpoint, model=plan.model_name, model_args=args,
         steps=records, before=before.as_dict(), after=after.as_dict(), accuracy_drop=drop,
         max_accuracy_drop=cfg.max_accuracy_drop, passed=passed, eval_dataset=cfg.eval_dataset,
-        eval_split=plan.eval_split, eval_rows=len(y), threads=cfg.threads, seconds=0.0,
+        eval_split=plan.eval_split, eval_rows=len(x), threads=cfg.threads, seconds=0.0,
+        perplexity_increase=increase, max_perplexity_increase=cfg.max_perplexity_increase if plan.lm else None,
     )
     if passed:
         meta = {
@@ -159,10 +189,16 @@ def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
             "columns": loaded.columns,
             "optimizations": records,
             "source": {"checkpoint": plan.checkpoint, "step": loaded.meta.get("step"), "model_args": plan.model_args},
-            "eval": {"dataset": cfg.eval_dataset, "split": plan.eval_split, "rows": len(y), "threads": cfg.threads},
+            "eval": {"dataset": cfg.eval_dataset, "split": plan.eval_split, "rows": len(x), "threads": cfg.threads},
             "report": {"before": result.before, "after": result.after, "accuracy_drop": drop,
-                       "max_accuracy_drop": cfg.max_accuracy_drop},
+                       "max_accuracy_drop": cfg.max_accuracy_drop, "perplexity_increase": increase},
         }
-        save_artifact(cfg.output, tensors, meta, cfg.storage_options)
+        files = None
+        if plan.lm is not None:
+            from tasks.optimize.lm import lm_record
+
+            extra, files = lm_record(cfg, loaded, model)
+            meta.update(extra)
+        save_artifact(cfg.output, tensors, meta, cfg.storage_options, files)
     result.seconds = round(time.perf_counter() - started, 3)
     return result

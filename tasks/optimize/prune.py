@@ -21,6 +21,7 @@ from torch import nn
 
 from storage.errors import ConfigError
 from tasks.models import build_model
+import tasks.optimize.prune_lm as prune_lm
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -85,13 +86,19 @@ def _transformer(model, state, args, amount):
     return {**args, "d_ff": widths.pop()}
 
 
-STRUCTURED: dict[str, Callable[..., dict[str, Any]]] = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
+STRUCTURED: dict[str, Callable[..., dict[str, Any]]] = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer,
+                                                        "gpt": prune_lm.gpt_mlp}
+
+
+def _structured(name: str):
+    return prune_lm.hf_mlp if name.startswith("hf:") else STRUCTURED.get(name)
 
 
 def check_structured(name: str) -> None:
-    if name not in STRUCTURED:
+    if _structured(name) is None:
         raise ConfigError(
-            f"structured pruning knows the layout of the built-in models ({', '.join(STRUCTURED)}), "
+            f"structured pruning knows the layout of the built-in models ({', '.join(STRUCTURED)}) and of hf: "
+            f"Llama/GPT-2-family models, "
             f"not {name!r}; use unstructured pruning (drop --structured) for it"
         )
 
@@ -100,7 +107,9 @@ def prune_structured(name: str, args: dict[str, Any], model: nn.Module, amount: 
     """A smaller model of the same kind with the most important units kept, and its arguments."""
     check_structured(name)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    new_args = STRUCTURED[name](model, state, args, amount)
+    new_args = _structured(name)(model, state, args, amount)
     pruned = build_model(name, new_args)
     pruned.load_state_dict(state)
+    if name.startswith("hf:"):  # the new width is in the config the artifact records, not in the spec
+        new_args = {k: v for k, v in new_args.items() if k != "config"}
     return pruned.eval(), new_args

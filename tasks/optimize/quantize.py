@@ -58,9 +58,12 @@ class Int8Linear(nn.Module):
         self.register_forward_pre_hook(_no_fused_path)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str) -> "Int8Linear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mode)
+    def from_linear(cls, linear: nn.Module, mode: str) -> "Int8Linear":
+        in_features, out_features = _linear_shape(linear)
+        layer = cls(in_features, out_features, linear.bias is not None, mode)
         w = linear.weight.detach().float()
+        if not isinstance(linear, nn.Linear):  # transformers' Conv1D (GPT-2) stores (in, out)
+            w = w.t()
         scale = w.abs().amax(dim=1).clamp_(min=1e-12) / 127
         with torch.no_grad():
             layer.weight_int8.copy_(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
@@ -117,14 +120,28 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linear layers, weight (in, out)), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """``nn.Linear`` layers that can be swapped: all but attention's ``out_proj``, whose
-    weight ``nn.MultiheadAttention`` reads directly instead of calling the layer."""
+    """``nn.Linear`` (and GPT-2 ``Conv1D``) layers that can be swapped: all but attention's
+    ``out_proj``, whose weight ``nn.MultiheadAttention`` reads directly instead of calling the
+    layer, and an output head tied to the token embedding (the embedding keeps the weights)."""
     inside_attention = {f"{name}.{child}" if name else child
                         for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                         for child, _ in m.named_children()}
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name and name not in inside_attention]
+            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and name and name not in inside_attention
+            and id(m.weight) not in embedded]
 
 
 def quantize_model(model: nn.Module, mode: str) -> list[str]:
@@ -144,6 +161,6 @@ def install_int8(model: nn.Module, names: list[str], mode: str) -> None:
             linear = model.get_submodule(name)
         except AttributeError:
             linear = None
-        if not isinstance(linear, nn.Linear):
+        if not (isinstance(linear, nn.Linear) or _is_conv1d(linear)):
             raise ManifestError(f"the artifact quantizes layer {name!r}, which its model has no Linear layer for")
-        model.set_submodule(name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, mode))
+        model.set_submodule(name, Int8Linear(*_linear_shape(linear), linear.bias is not None, mode))

@@ -12,8 +12,12 @@ from storage import checkpoint as ckpt
 from storage.dataset import Dataset
 from storage.errors import ConfigError, IntegrityError
 from tasks.models import build_model, default_model, infer_args
+from tasks.models.hf import is_hf
 from tasks.training.config import TrainConfig, TrainOptions
 from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
+from tasks.step_status import StepStatus, keyed_status
+from tasks.training.lm import LMSpec
+from tasks.training.lm_data import check_model, lm_spec, resolve_task
 from tasks.training.rank import RankJob, RankResult, gang_key, train_rank
 
 PROGRESS_TOPIC = "swarm-train-progress"
@@ -31,16 +35,22 @@ class TrainPlan:
     val_rows: int
     parameters: int
     resume_from: str | None
+    task: str = "classify"
+    lm: LMSpec | None = None  # causal-lm: the token column and the data contract's metadata
 
 
 def prepare_training(cfg: TrainConfig) -> TrainPlan:
     """Check the dataset, model and checkpoints before any rank starts; writes nothing."""
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
-    cols = resolve_columns(ds, cfg.feature_column, cfg.label_column)
+    task = resolve_task(ds, cfg.task, cfg.label_column)
     meta = ds.manifest.metadata
-    name = default_model(meta) if cfg.model == "auto" else cfg.model
+    lm = lm_spec(ds, cfg.feature_column, cfg.seq_len) if task == "causal-lm" else None
+    cols = Columns(lm.column, None, None, None) if lm else resolve_columns(ds, cfg.feature_column, cfg.label_column)
+    name = default_model(meta, task) if cfg.model == "auto" else cfg.model
     args = {**infer_args(name, meta), **cfg.model_args}
-    model = build_model(name, args)
+    if lm and name == "gpt" and "seq_len" not in cfg.model_args:
+        args["seq_len"] = lm.seq_len
+    model = build_model(name, args, storage_options=cfg.storage_options)
     splits = {s: sum(e.rows for e in ds.shards(s)) for s in ds.manifest.splits}
     if "train" not in splits:
         raise ConfigError(f"dataset {cfg.dataset!r} has no 'train' split (splits: {', '.join(splits)})")
@@ -49,8 +59,11 @@ def prepare_training(cfg: TrainConfig) -> TrainPlan:
             f"the train split has {splits['train']} rows, fewer than one global batch "
             f"({cfg.world_size} ranks x batch {cfg.batch_size}); lower --batch-size or --world-size"
         )
-    _check_forward(model, ds, cols, name)
-    if cfg.init_from:
+    if lm:
+        check_model(model, name, lm, ds)
+    else:
+        _check_forward(model, ds, cols, name)
+    if cfg.init_from and not is_hf(cfg.init_from):
         _, init_meta = ckpt.load(cfg.init_from, cfg.storage_options)
         spec = init_meta.get("model", {})
         if spec.get("name") != name or spec.get("args") != args:
@@ -68,7 +81,7 @@ def prepare_training(cfg: TrainConfig) -> TrainPlan:
                 f"{spec.get('args')}; pass --no-resume to start over there, or another --checkpoint-dir"
             )
     return TrainPlan(name, args, cols, splits["train"], splits.get("val", 0),
-                     sum(p.numel() for p in model.parameters()), resume_from)
+                     sum(p.numel() for p in model.parameters()), resume_from, task, lm)
 
 
 def _check_forward(model, ds: Dataset, cols: Columns, name: str) -> None:
@@ -118,8 +131,15 @@ class PrefectReporter:
         from tasks import artifacts
         from tasks.training.plots import curves_png
 
+        lm = bool(history) and "train_ppl" in history[-1]
         artifacts.table("train-epochs", history, description="Per-epoch training metrics")
-        artifacts.image("train-curves", curves_png(history), description="Loss and accuracy per epoch")
+        artifacts.image("train-curves", curves_png(history),
+                        description="Loss and perplexity per epoch" if lm else "Loss and accuracy per epoch")
+
+    def samples(self, rows: list[dict]) -> None:
+        from tasks import artifacts
+
+        artifacts.table("train-samples", rows, description="Greedy continuations of validation prompts after training")
 
 
 def clear_checkpoints(cfg: TrainConfig) -> None:
@@ -161,7 +181,9 @@ def train_identity(cfg: TrainConfig) -> str:
     import json
 
     dataset_hash = Dataset.open(cfg.dataset, cfg.storage_options).manifest.content_hash()
-    init_hash = ckpt.read_meta(cfg.init_from, cfg.storage_options)[1]["tensors_hash"] if cfg.init_from else None
+    init_hash = None
+    if cfg.init_from:
+        init_hash = cfg.init_from if is_hf(cfg.init_from) else ckpt.read_meta(cfg.init_from, cfg.storage_options)[1]["tensors_hash"]
     options = cfg.model_dump(include=set(TrainOptions.model_fields) - RUNTIME_ONLY)
     body = json.dumps({"dataset": dataset_hash, "init": init_hash, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
@@ -190,3 +212,22 @@ def train_rank_task(job: RankJob) -> RankResult:
     """Run one DDP rank; a failure fails the whole group, which is retried as one."""
     reporter = PrefectReporter(f"training {job.model_name} on {job.world_size} rank(s)") if job.rank == 0 else None
     return train_rank(job, reporter)
+
+
+@task(name="train-status", cache_policy=NO_CACHE)
+def train_status_task(cfg: TrainConfig, checkpoints_prefix: str) -> StepStatus:
+    """The training's content key, its checkpoint folder (``checkpoints_prefix`` + key), and
+    whether that folder holds the end-of-training checkpoint."""
+    return keyed_status(cfg, "checkpoint_dir", checkpoints_prefix, train_identity, training_finished)
+
+
+@task(name="clear-checkpoints", cache_policy=NO_CACHE)
+def clear_checkpoints_task(cfg: TrainConfig) -> None:
+    """``--no-resume``: remove the folder's checkpoints before the first attempt."""
+    clear_checkpoints(cfg)
+
+
+@task(name="latest-checkpoint", cache_policy=NO_CACHE)
+def latest_checkpoint_task(cfg: TrainConfig) -> str | None:
+    """The newest intact checkpoint to resume from, if any."""
+    return latest_checkpoint(cfg)

@@ -1,10 +1,13 @@
 """Training data: the feature/label columns of a staged dataset as per-rank batches.
 
-Sample order is a pure function of (seed, epoch, world size, rank): one global
-permutation per epoch, cut into global batches of ``world_size * batch_size`` rows; rank
-``r`` takes the ``r``-th slice of every global batch. So every rank has the same number
-of batches, and W ranks with batch b see exactly the samples one rank with batch W*b
-sees, which is what makes DDP equivalent to single-process training.
+Batches come from the streaming loader (:class:`storage.loader.StreamingDataset`) through
+the prefetcher; which rows each rank reads, and in which order, is
+:mod:`storage.order`'s: a pure function of (shard row counts, seed, epoch, world size,
+rank, batch size, ...). Shards are shuffled, each rank reads a contiguous run of the
+epoch's sequence with the same number of batches as every other rank (DDP needs equal
+steps), and rows are shuffled within bounded blocks. Training takes full batches only
+(``drop_last``); scoring reads every row of a split exactly once across ranks, in storage
+order.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from storage.sources import SHAPE_KEY
 @dataclass(frozen=True)
 class Columns:
     feature: str
-    label: str
+    label: str | None  # None: a causal LM's token column alone
     shape: tuple[int, ...] | None
     scale: float | None
 
@@ -115,22 +118,33 @@ def column_transform(cols: Columns):
             return values.astype(np.float32) * np.float32(scale)
         if values.dtype.kind == "f" and values.dtype != np.float32:
             return values.astype(np.float32)
+        if values.dtype.kind == "u" and values.dtype.itemsize > 1:  # token ids: torch has few uint16/32 ops
+            return values.astype(np.int64)
         return values
 
     return transform
 
 
 def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, batch_size: int, shuffle: bool,
-            drop_last: bool):
+            drop_last: bool, gather: str = "host"):
+    """The split through the prefetcher: batches gathered on the host (then copied), or, with
+    ``gather`` device/auto, each shuffle window copied to the device once and the batches
+    gathered (and scaled) there."""
     from storage.loader import StreamingDataset
     from storage.prefetch import Prefetcher
 
+    cuda = getattr(device, "type", "cpu") == "cuda"
+    on_device = gather == "device" or (gather == "auto" and cuda)
     ds = StreamingDataset(
         cfg.dataset, split=split, batch_size=batch_size, seed=cfg.seed, shuffle=shuffle, drop_last=drop_last,
-        columns=[cols.feature, cols.label], transforms={cols.feature: column_transform(cols)},
+        columns=[c for c in (cols.feature, cols.label) if c], transforms={} if on_device else {cols.feature: column_transform(cols)},
         rank=rank, world_size=world_size, storage_options=cfg.storage_options,
     )
-    return Prefetcher(ds, device=device if getattr(device, "type", "cpu") == "cuda" else None, depth=2)
+    loader = Prefetcher(ds, device=device if cuda or on_device else None, depth=2, gather=gather,
+                        device_transforms={cols.feature: lambda t: scale_features(t, cols)})
+    if on_device and loader.gather == "host":  # auto chose the host: the stored values need the host transform
+        ds.transforms = {cols.feature: column_transform(cols)}
+    return loader
 
 
 def train_loader(cfg, cols: Columns, rank: int, world_size: int, device):
@@ -139,16 +153,17 @@ def train_loader(cfg, cols: Columns, rank: int, world_size: int, device):
     Full batches only (``drop_last``): every rank takes the same number of equal steps,
     so DDP's gradient average is the average over the global batch.
     """
-    return _loader(cfg, cols, "train", rank, world_size, device, cfg.batch_size, True, True)
+    return _loader(cfg, cols, "train", rank, world_size, device, cfg.batch_size, True, True,
+                   getattr(cfg, "device_batches", "host"))
 
 
-def split_loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device):
+def split_loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, max_batch: int = 1024):
     """A split for scoring: in storage order, every row exactly once across ranks; None if absent."""
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
     rows = sum(s.rows for s in ds.shards(split)) if split in ds.manifest.splits else 0
     if rows < world_size:
         return None
-    return _loader(cfg, cols, split, rank, world_size, device, max(1, min(1024, rows // world_size)), False, False)
+    return _loader(cfg, cols, split, rank, world_size, device, max(1, min(max_batch, rows // world_size)), False, False)
 
 
 def load_split(url: str, split: str | None, cols: Columns, storage_options: dict | None = None):

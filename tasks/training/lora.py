@@ -1,7 +1,10 @@
 """LoRA: low-rank adapters on ``nn.Linear`` layers, trained on a frozen base, then merged.
 
-A small implementation rather than PEFT: PEFT pulls in transformers, accelerate and the
-hub client for what is ~100 lines here, and our models are plain ``nn.Module``s.
+Two paths. For the built-in models (mlp, cnn, transformer, gpt) a small implementation,
+here: they are plain ``nn.Module``s, and this keeps them free of transformers. For ``hf:``
+models (transformers), ``peft`` does it (see :class:`tasks.models.hf.HFCausalLM`): it knows
+every architecture's layer types and merges exactly; :func:`apply_lora` and
+:func:`merge_lora` hand such a model to it.
 ``LoRALinear(x) = W x + b + (alpha / r) * B (A x)`` with ``B`` zero at the start, so a
 fresh adapter leaves the model's outputs unchanged.
 """
@@ -50,6 +53,8 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str) -> list[str]:
     """Wrap every ``nn.Linear`` whose name matches ``targets``; freeze everything else."""
+    if hasattr(model, "apply_lora"):  # an hf: model: peft
+        return model.apply_lora(rank, alpha, targets)
     try:
         pattern = re.compile(targets)
     except re.error as exc:
@@ -68,11 +73,14 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str) -> list[
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors: what a LoRA run saves on its own."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+    return {k: v for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ADAPTER_KEYS or re.search(r"\.lora_[AB]\.", k)}  # ours, or peft's
 
 
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold every adapter into its base layer, in place; returns the merged layer names."""
+    if hasattr(model, "merge_lora"):  # an hf: model: peft
+        return model.merge_lora()
     names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name in names:
         _set_child(model, name, model.get_submodule(name).merged())

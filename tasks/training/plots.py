@@ -19,11 +19,19 @@ def curves_png(history: list[dict]) -> bytes:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    ax2.plot(epochs, [h.get("val_acc") if h.get("val_acc") is not None else h["train_acc"] for h in history],
-             color="tab:green")
+    if "train_ppl" in history[-1]:  # a language model: perplexity, log scale
+        ax2.plot(epochs, [h["train_ppl"] for h in history], label="train")
+        if any(h.get("val_ppl") is not None for h in history):
+            ax2.plot(epochs, [h.get("val_ppl") for h in history], label="val")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("perplexity")
+        ax2.legend()
+    else:
+        ax2.plot(epochs, [h.get("val_acc") if h.get("val_acc") is not None else h["train_acc"] for h in history],
+                 color="tab:green")
+        ax2.set_ylabel("accuracy (val)" if any(h.get("val_acc") is not None for h in history) else "accuracy (train)")
+        ax2.set_ylim(0, 1)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (val)" if any(h.get("val_acc") is not None for h in history) else "accuracy (train)")
-    ax2.set_ylim(0, 1)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
-from deployments import gang
 from storage import checkpoint as ckpt
 from storage.errors import ConfigError
+from tasks import attempts
 from tasks.models import build_model
 from tasks.training.config import TrainConfig
-from tasks.training.data import split_loader, train_loader
+from tasks.training.data import Columns, split_loader, train_loader
+from tasks.training.lm import LMSpec, lm_forward, step_loss
+from tasks.training.schedule import OptimizerSteps
+from tasks.training.step import (Capture, TrainStep, classification_loss, make_optimizer, resolve_capture,
+                                 use_channels_last)
 
 
 class Reporter(Protocol):
@@ -45,6 +49,7 @@ class RankJob:
     attempt: int = 0
     resume_from: str | None = None
     gang: str | None = None  # the attempt's token (see deployments.gang): a superseded rank stops
+    lm: LMSpec | None = None  # causal-lm training: the token column and the data contract's metadata
 
 
 @dataclass
@@ -57,6 +62,7 @@ class RankResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     worker: str = ""
     attempt: int = 0
+    samples: list[dict[str, Any]] = field(default_factory=list)  # causal-lm: greedy continuations after training
 
 
 def _setup(job: RankJob):
@@ -99,13 +105,13 @@ def _teardown(ddp=None) -> None:
         dist.destroy_process_group()
 
 
-def _build(job: RankJob, device):
+def _build(job: RankJob, device, capture: Capture = "none"):
     import torch
 
     cfg = job.config
     torch.manual_seed(cfg.seed)
-    model = build_model(job.model_name, job.model_args)
-    if cfg.init_from:
+    model = build_model(job.model_name, job.model_args, storage_options=cfg.storage_options)
+    if cfg.init_from and not cfg.init_from.startswith("hf:"):  # an hf: folder's weights are the model's own
         tensors, meta = ckpt.load(cfg.init_from, cfg.storage_options)
         _check_same_model(meta, job, cfg.init_from)
         model.load_state_dict(_prefixed(tensors, "model."))
@@ -114,9 +120,14 @@ def _build(job: RankJob, device):
         from tasks.training.lora import apply_lora
 
         lora_layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if cfg.activation_checkpointing:
+        from tasks.training.lm import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     model.to(device)
+    use_channels_last(model, device, cfg.precision != "fp32")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, device, capture)
     return model, optimizer, lora_layers
 
 
@@ -149,6 +160,8 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    import torch
+
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -157,11 +170,23 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # How the optimizer runs (fused, capturable, foreach) is this device's choice, not the checkpoint's;
+    # set before loading, so that the step counters land where this implementation keeps them.
+    groups = [{**saved, **{k: g.get(k) for k in _IMPLEMENTATION}}
+              for saved, g in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for param, slots in optimizer.state.items():  # moments in the parameter's layout (channels_last)
+        for key, value in slots.items():
+            if hasattr(value, "shape") and value.shape == param.shape and value.stride() != param.stride():
+                slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # keeps the strides
+
+
+_IMPLEMENTATION = ("fused", "capturable", "foreach", "differentiable")
 
 
 def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: int, batch: int,
-                    history: list, lora_layers: list[str], loader_state: dict | None) -> str:
+                    history: list, lora_layers: list[str], loader_state: dict | None,
+                    files: dict[str, bytes] | None = None) -> str:
     cfg = job.config
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
@@ -183,8 +208,19 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
         "history": history,
         "dataset": cfg.dataset,
         "precision": cfg.precision,
+        **model_record(job, model),
     }
-    return ckpt.save(cfg.checkpoint_dir, step, tensors, meta, cfg.storage_options, keep_last=cfg.keep_last)
+    return ckpt.save(cfg.checkpoint_dir, step, tensors, meta, cfg.storage_options, keep_last=cfg.keep_last,
+                     files=files)
+
+
+def model_record(job: RankJob, model) -> dict[str, Any]:
+    """What a language model's checkpoint adds for generation: the task, tokenizer, ids,
+    context, and for an hf: model its source and architecture (see the data contract)."""
+    record: dict[str, Any] = job.lm.checkpoint_meta() if job.lm else {"task": "classify"}
+    if hasattr(model, "describe"):
+        record["hf"] = model.describe()
+    return record
 
 
 def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]:
@@ -194,29 +230,30 @@ def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]
     import torch.nn.functional as F
 
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # summed on the device, read once
     feature, label = job.columns.feature, job.columns.label
     with torch.no_grad():
         for batch in val:
             xb, yb = batch[feature].to(device), batch[label].to(device)
             with autocast():
                 logits = model(xb)
-            totals[0] += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-            totals[1] += (logits.argmax(1) == yb).sum().item()
-            totals[2] += len(yb)
+            totals += torch.stack([F.cross_entropy(logits.float(), yb, reduction="sum").double(),
+                                   (logits.argmax(1) == yb).sum().double(),
+                                   yb.new_full((), len(yb), dtype=torch.float64)])  # a fill, not a copy
     if job.world_size > 1:
         dist.all_reduce(totals)
     model.train()
-    return totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item()
+    loss, correct, count = totals.tolist()
+    return loss / count, correct / count
 
 
 def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
     """Train one rank of a group (the whole job when ``world_size`` is 1).
 
     A rank of an attempt that a newer one has taken over stops before its next step with
-    :class:`~deployments.gang.Superseded`, so it never writes over its successor's checkpoints.
+    :class:`~tasks.attempts.Superseded`, so it never writes over its successor's checkpoints.
     """
-    with gang.membership(gang_key(job.config), job.gang):
+    with attempts.membership(gang_key(job.config), job.gang):
         return _train_rank(job, reporter)
 
 
@@ -225,20 +262,37 @@ def gang_key(cfg: TrainConfig) -> str:
     return cfg.checkpoint_dir.rstrip("/")
 
 
+def lm_files(job: RankJob) -> dict[str, bytes]:
+    """Files a language model's checkpoints carry: the dataset's tokenizer.json, when it has one."""
+    from tasks.training.lm_data import tokenizer_bytes
+
+    data = tokenizer_bytes(job.config.dataset, job.lm, job.config.storage_options)
+    return {"tokenizer.json": data} if data is not None else {}
+
+
+def lm_throughput(model, lm: LMSpec, device, threads: int) -> tuple[float, float]:
+    """``(model FLOPs per token, device peak FLOP/s)`` for the MFU column."""
+    from tasks.training.lm import flops_per_token, peak_flops
+
+    return flops_per_token(model, lm.seq_len), peak_flops(device, threads)[0]
+
+
 def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
     import torch
-    import torch.nn.functional as F
 
     cfg = job.config
     is_main = job.rank == 0
     report = reporter if (reporter is not None and is_main) else None
     device = _setup(job)
     net = None
+    lm = job.lm
     try:
         loader = train_loader(cfg, job.columns, job.rank, job.world_size, device)
-        val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device)
-        model, optimizer, lora_layers = _build(job, device)
+        val = split_loader(cfg, job.columns, "val", job.rank, job.world_size, device,
+                           max_batch=cfg.batch_size if lm else 1024)
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
+        capture = resolve_capture(cfg.compile, cfg.step_capture, device, job.world_size, scaler is not None)
+        model, optimizer, lora_layers = _build(job, device, capture)
         step, start_epoch, start_batch, history, resumed_from = 0, 0, 0, [], None
         latest = job.resume_from
         if latest:
@@ -267,50 +321,86 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
             return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
         per_epoch = len(loader)
-        total_steps = per_epoch * cfg.epochs
+        steps = OptimizerSteps(cfg, net, optimizer, scaler, per_epoch, "causal-lm" if lm else "classify")
+        total_steps = steps.total
+        files = lm_files(job) if lm and is_main else None
+        lm_rates = lm_throughput(model, lm, device, cfg.threads_per_rank) if lm else None
         checkpoint_url = latest
-        feature, label = job.columns.feature, job.columns.label
+        train_step = None if lm else TrainStep(
+            model, net, optimizer, classification_loss(job.columns.feature, job.columns.label),
+            device=device, capture=capture, amp_dtype=amp_dtype, scaler=scaler)
         key = gang_key(cfg)
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t_epoch = time.perf_counter()
-            loss_sum = 0.0
-            correct = seen = 0
+            sums: dict[str, float] = {}  # classifiers: the step's device sums, read every sync_every steps
+            seen = 0
+            lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+            lm_count = torch.zeros((), dtype=torch.float64, device=device)
             loader.set_epoch(epoch)
             if epoch == start_epoch and start_batch:
                 loader.load_state_dict(loader.dataset.state_dict(batches=start_batch))
             for b, batch in enumerate(loader, start=loader.consumed):
-                gang.check(key, job.gang)
-                xb, yb = batch[feature].to(device, non_blocking=True), batch[label].to(device, non_blocking=True)
-                with autocast():
-                    logits = net(xb)
-                    loss = F.cross_entropy(logits.float(), yb)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                attempts.check(key, job.gang)
+                if lm is None:  # classifiers: the step without host round trips (tasks.training.step)
+                    train_step({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                for k, v in batch.items()})
+                    step += 1
+                    if train_step.steps >= cfg.sync_every or b + 1 == per_epoch:  # the only reads of the device
+                        read = train_step.read()
+                        for name, value in read.items():
+                            sums[name] = sums.get(name, 0.0) + value
+                        if report is not None:
+                            report.progress(step, total_steps, {"epoch": epoch + 1,
+                                                                "loss": read["loss"] / max(1.0, read["count"])})
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
+                        checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history,
+                                                         lora_layers, loader.state_dict())
+                    continue
+                # causal LM: masked next-token loss (tasks.training.lm), accumulation, clipping, schedule
+                with steps.sync(b):
+                    tokens = batch[lm.column].to(device, non_blocking=True)
+                    with autocast():
+                        token_loss, token_count = lm_forward(net, tokens, lm)
+                    loss = step_loss(token_loss, token_count, job.world_size)
+                    lm_sum += token_loss.detach().double()
+                    lm_count += token_count
+                    seen += len(tokens)
+                    steps.backward(loss, b)
+                if not steps.boundary(b):
+                    continue
+                steps.step(step)
                 step += 1
-                loss_sum += loss.item() * len(yb)
-                correct += (logits.argmax(1) == yb).sum().item()
-                seen += len(yb)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < per_epoch and is_main:
                     checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch, b + 1, history,
-                                                     lora_layers, loader.state_dict())
-                if report is not None:
+                                                     lora_layers, loader.state_dict(), files)
+                if report is not None and step % cfg.sync_every == 0:
                     report.progress(step, total_steps, {"epoch": epoch + 1, "loss": loss.item()})
+            if lm is None:
+                for name, value in train_step.read().items():  # a resumed epoch with nothing left: zeros
+                    sums[name] = sums.get(name, 0.0) + value
+                seen = sums.get("count", 0.0)
             elapsed = time.perf_counter() - t_epoch
             stats = loader.stats
             val_loss = val_acc = None
-            if val is not None:
+            if lm is not None:
+                from tasks.training.lm_data import evaluate, history_row
+
+                val_loss = evaluate(model, val, lm, job.world_size, device, autocast) if val is not None else None
+                totals = torch.stack([lm_sum, lm_count]).cpu()
+                if job.world_size > 1:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(totals)
+                history.append(history_row(
+                    epoch + 1, totals[0].item(), totals[1].item(), val_loss, seen * lm.data_seq_len * job.world_size,
+                    elapsed, stats.stall_s, *lm_rates, job.world_size, seen * job.world_size, steps.lr, stats.hit_rate))
+            elif val is not None:
                 val_loss, val_acc = _evaluate(model, val, job, device, autocast)
-            row = {
+            row = history[-1] if lm is not None else {
                 "epoch": epoch + 1,
-                "train_loss": round(loss_sum / max(1, seen), 5),
-                "train_acc": round(correct / max(1, seen), 5),
+                **{f"train_{name}": round(value / max(1.0, seen), 5) for name, value in sums.items()
+                   if name not in ("count", "steps")},
                 "val_loss": None if val_loss is None else round(val_loss, 5),
                 "val_acc": None if val_acc is None else round(val_acc, 5),
                 "samples_per_s": round(seen * job.world_size / max(elapsed, 1e-9), 1),
@@ -318,10 +408,11 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
                 "cache_hit_rate": stats.hit_rate,
                 "epoch_s": round(elapsed, 3),
             }
-            history.append(row)
+            if lm is None:
+                history.append(row)
             if is_main:
                 checkpoint_url = save_checkpoint(job, model, optimizer, scaler, step, epoch + 1, 0, history,
-                                                 lora_layers, None)
+                                                 lora_layers, None, files)
                 if report is not None:
                     report.epoch(row)
         if is_main and cfg.lora_rank:
@@ -334,12 +425,20 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
                       cfg.storage_options, keep_last=1)
         if report is not None:
             report.finish(history)
+        samples = []
+        if lm is not None and is_main:
+            from tasks.training.lm_data import sample_continuations
+
+            samples = sample_continuations(model, cfg.dataset, lm, (files or {}).get("tokenizer.json"), device,
+                                           cfg.storage_options)
+            if report is not None and hasattr(report, "samples"):
+                report.samples(samples)
         if job.world_size > 1:
             import torch.distributed as dist
 
             dist.barrier()  # every rank done with every collective before any leaves
         return RankResult(job.rank, step, len(history), resumed_from, checkpoint_url, history if is_main else [],
-                          worker=f"{socket.gethostname()}:{os.getpid()}", attempt=job.attempt)
+                          worker=f"{socket.gethostname()}:{os.getpid()}", attempt=job.attempt, samples=samples)
     finally:
         _teardown(net)
 

@@ -24,7 +24,8 @@ def test_gpu_check_sections_are_pluggable():
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    assert [c.__name__ for c in gpu_check.CHECKS] == ["h2d_copy", "loader_to_gpu", "train_throughput"]
+    assert [c.__name__ for c in gpu_check.CHECKS] == ["h2d_copy", "loader_to_gpu", "train_step", "train_throughput",
+                                                     "generation", "lm_train_throughput"]
 
     @gpu_check.check
     def extra(ctx):

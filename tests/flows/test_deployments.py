@@ -154,6 +154,23 @@ def test_ui_run_button_starts_a_deployment(deployed, prefect_api, tmp_path):
         shutil.copy(png, artifacts / png.name)
 
 
+def test_gpu_workers_start_with_expandable_segments_unless_the_user_says_otherwise(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from deployments import cluster
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert cluster.gpu_worker_env() == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert cluster.gpu_worker_env() == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    with cluster.configure_gpu_workers():  # Dask's config changed only inside this block
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local, \
+                Client(local) as client:
+            seen = client.run(lambda: __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    assert list(seen.values()) == ["expandable_segments:True"], "set in the worker process where it starts"
+
+
 def test_serving_endpoint_runs_until_its_run_is_cancelled(deployed, digits_checkpoint):
     """The serve-digits deployment: a long-running flow run serves HTTP; cancelling it stops the endpoint."""
     import httpx

@@ -11,7 +11,6 @@ import fsspec
 import pytest
 from prefect import flow, task
 
-from deployments import gang as gang_module
 from deployments.cluster import dask_runner
 from deployments.gang import (
     GangFailed,
@@ -23,6 +22,7 @@ from deployments.gang import (
     take_over,
     taken_over,
 )
+from tasks import attempts
 from tests.services import gang_members_running
 
 
@@ -144,7 +144,7 @@ def test_a_rank_of_a_superseded_attempt_writes_nothing(digits_dataset, tmp_path)
 
     cfg = TrainConfig(dataset=digits_dataset, epochs=1, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=1)
     plan = prepare_training(cfg)
-    gang_module._supersede(cfg.checkpoint_dir, "newer")
+    attempts.supersede(cfg.checkpoint_dir, "newer")
     with pytest.raises(Superseded, match="taken over by a newer one"):
         train_rank(RankJob(cfg, plan.model_name, plan.model_args, plan.columns, gang="older"))
     assert ckpt.steps(fsspec.filesystem("file"), cfg.checkpoint_dir) == []

@@ -113,19 +113,18 @@ def test_world_size_larger_than_cluster_is_refused(dask_cluster, digits_dataset,
     assert not list((tmp_path / "ck").glob("ckpt-*")) if (tmp_path / "ck").exists() else True
 
 
-def test_killed_rank_worker_resumes_from_checkpoint(dask_cluster, digits_dataset, tmp_path):
-    """SIGKILL one rank's Dask worker mid-training: the group is retried, resumes, completes."""
+def train_with_a_rank_worker_killed(dask_cluster, config: TrainConfig):
+    """Train ``config`` in a thread and SIGKILL one rank's Dask worker once two checkpoints
+    exist; returns the run's result once the cluster has its workers back."""
     from distributed import Client
 
     from flows.train import train_model
 
-    common = dict(dataset=digits_dataset, epochs=40, world_size=2, batch_size=16, checkpoint_every=10, seed=1)
     holder = {}
-    thread = threading.Thread(target=lambda: holder.setdefault(
-        "result", train_model(TrainConfig(checkpoint_dir=str(tmp_path / "faulty"), **common))))
+    thread = threading.Thread(target=lambda: holder.setdefault("result", train_model(config)))
     thread.start()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(ckpt.steps(_localfs(), str(tmp_path / "faulty"))) < 2:
+    while time.monotonic() < deadline and len(ckpt.steps(_localfs(), config.checkpoint_dir)) < 2:
         time.sleep(0.05)
     with Client(dask_cluster.scheduler_address) as client:
         pids = client.run(os.getpid)
@@ -133,7 +132,15 @@ def test_killed_rank_worker_resumes_from_checkpoint(dask_cluster, digits_dataset
         os.kill(pids[victim], signal.SIGKILL)
         thread.join(timeout=300)
         client.wait_for_workers(2, timeout=60)
-    result = holder["result"]
+    return holder["result"]
+
+
+def test_killed_rank_worker_resumes_from_checkpoint(dask_cluster, digits_dataset, tmp_path):
+    """SIGKILL one rank's Dask worker mid-training: the group is retried, resumes, completes."""
+    from flows.train import train_model
+
+    common = dict(dataset=digits_dataset, epochs=40, world_size=2, batch_size=16, checkpoint_every=10, seed=1)
+    result = train_with_a_rank_worker_killed(dask_cluster, TrainConfig(checkpoint_dir=str(tmp_path / "faulty"), **common))
     assert result.attempts >= 2 and result.resumed_from is not None
     assert result.epochs == 40
 

@@ -10,14 +10,13 @@ import pytest
 
 from storage.dataset import Dataset
 from tasks.datasets import open_builtin
-from tasks.staging import StageConfig, commit, group_tasks, plan_stage, write_group
+from tasks.staging import StageConfig, stage_here
 
 IMAGES = "synthetic-image?rows=3000&size=4"
 
 
 def stage(source: str, dest: str, **options):
-    plan = plan_stage(StageConfig(source=source, dest=dest, **options))
-    return commit(plan, [write_group(g) for g in group_tasks(plan, 2)], 1.0)
+    return stage_here(StageConfig(source=source, dest=dest, **options))
 
 
 @dataclass

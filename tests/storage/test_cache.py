@@ -17,7 +17,8 @@ import xxhash
 
 from storage import cache_index
 from storage.cache import ShardCacheFileSystem
-from storage.cache_index import CacheDir, fast_digest, parse_bytes
+from storage.cache_index import CacheDir, fast_digest
+from storage.sizes import parse_bytes
 from storage.dataset import Dataset
 from storage.errors import ConfigError, IntegrityError
 from storage.urls import url_to_fs

@@ -21,9 +21,10 @@ from storage.prefetch import Prefetcher
 from tests.conftest import ROOT
 
 
-def test_prefetched_batches_keep_the_order_and_report_stalls(images, cache_opts):
+@pytest.mark.parametrize("gather", ["host", "device"])
+def test_prefetched_batches_keep_the_order_and_report_stalls(images, cache_opts, gather):
     ds = StreamingDataset(images.url, batch_size=64, index_key="idx", cache=True, storage_options=cache_opts)
-    loader = Prefetcher(ds, depth=3, shard_depth=2)
+    loader = Prefetcher(ds, depth=3, shard_depth=2, device="cpu", gather=gather)
     assert len(loader) == len(ds)
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -84,6 +85,11 @@ def test_bad_prefetcher_arguments(images):
         Prefetcher(ds, stall_target=5)
     with pytest.raises(ConfigError, match="needs a StreamingDataset"):
         Prefetcher([{"x": torch.zeros(1)}], num_workers=2)
+    with pytest.raises(ConfigError, match="gather 'gpu' is not allowed; allowed: host, device, auto"):
+        Prefetcher(ds, gather="gpu")
+    with pytest.raises(ConfigError, match="gather='device' is not possible here: num_workers > 0"):
+        Prefetcher(ds, gather="device", num_workers=2)
+    assert Prefetcher(ds, gather="auto").gather == "host", "auto gathers on the host without CUDA"
 
 
 @pytest.mark.gpu
@@ -98,9 +104,10 @@ def test_batches_arrive_on_the_device_intact(images, producer):
                for h, d in zip(host, device))
 
 
-def test_the_next_epochs_first_shards_are_read_ahead(images):
+@pytest.mark.parametrize("gather", ["host", "device"])
+def test_the_next_epochs_first_shards_are_read_ahead(images, gather):
     ds = StreamingDataset(images.url, batch_size=64, index_key="idx", block_size=200)
-    loader = Prefetcher(ds)
+    loader = Prefetcher(ds, device="cpu", gather=gather)
     list(loader)
     assert ds._preloaded and {epoch for epoch, _ in ds._preloaded} == {1}
     for epoch in (3, 1):  # an unexpected epoch drops what was read ahead; the order holds either way
@@ -138,17 +145,19 @@ def test_a_producer_process_gives_the_same_batches_and_stats(images, cache_opts)
     assert again[0]["image"].data_ptr() != again[1]["image"].data_ptr()
 
 
-def test_a_producer_process_resumes_mid_epoch(images):
-    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3)
-    whole = _ids(Prefetcher(ds, producer="process"))
-    loader = Prefetcher(ds, producer="process")
+@pytest.mark.parametrize("how", [{"producer": "process"}, {"device": "cpu", "gather": "device"}, {}],
+                         ids=["process", "device-gather", "thread"])
+def test_a_producer_process_resumes_mid_epoch(images, how):
+    ds = StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3, block_size=170)
+    whole = _ids(Prefetcher(ds, **how))
+    loader = Prefetcher(ds, **how)
     first = []
     for batch in loader:
         first.append(batch["idx"].numpy().copy())
         if len(first) == 5:
             state = loader.state_dict()
             break
-    resumed = Prefetcher(StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3), producer="process")
+    resumed = Prefetcher(StreamingDataset(images.url, batch_size=64, index_key="idx", seed=3, block_size=170), **how)
     resumed.load_state_dict(state)
     rest = _ids(resumed)
     assert [a.tolist() for a in first + rest] == [a.tolist() for a in whole]

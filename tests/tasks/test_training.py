@@ -155,7 +155,7 @@ def test_bad_model_inputs(digits_dataset, tmp_path):
         kw.setdefault("checkpoint_dir", str(tmp_path / "never"))
         return prepare_training(TrainConfig(dataset=digits_dataset, **kw))
 
-    with pytest.raises(ConfigError, match="unknown model 'resnet9000'; built-ins: cnn, mlp, transformer"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet9000'; built-ins: cnn, gpt, mlp, transformer"):
         prepare(model="resnet9000")
     with pytest.raises(ConfigError, match="cannot import module 'no_such_pkg.models'"):
         prepare(model="no_such_pkg.models:build")
