@@ -159,16 +159,22 @@ class ReplicaHost:
 
     def stop(self) -> None:
         if not self._loop.is_closed() and self._thread.is_alive():
-            def shutdown() -> None:
-                if self._server is not None:
-                    self._server.close()
-                for writer in list(self._writers):
-                    writer.close()
-                self._loop.stop()
-
-            self._loop.call_soon_threadsafe(shutdown)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
             self._thread.join(30)
         self.replica.close()
+
+    async def _shutdown(self) -> None:
+        """Close the listener and every connection (their routers see it at once), then stop."""
+        try:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+            await asyncio.sleep(0)  # the aborts' and cancellations' callbacks run before the loop stops
+        finally:
+            self._loop.stop()
 
 
 class ReplicaActor:
