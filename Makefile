@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The reliability and security suite (kills, storage faults, corruption, bad input, security;
-# about 11 min on 2 cores). RELIABILITY.md is rewritten from the results it measures, pass or fail.
+# about 15 min on 2 cores). RELIABILITY.md is rewritten from the results it measures, pass or fail.
 RELIABILITY_RESULTS ?= build/reliability/results.json
 
 reliability: $(STAMP)
