@@ -39,12 +39,25 @@ class TrainPlan:
     lm: LMSpec | None = None  # causal-lm: the token column and the data contract's metadata
 
 
+def _refuse_lm_only_options(cfg: TrainConfig) -> None:
+    """Classifiers train through the captured step (tasks.training.step), which has no
+    accumulation, clipping or schedule yet: say so instead of ignoring the option."""
+    given = [flag for flag, on in (("--grad-accum", cfg.grad_accum > 1), ("--grad-clip", bool(cfg.grad_clip)),
+                                   ("--lr-schedule cosine", cfg.lr_schedule == "cosine"),
+                                   ("--warmup-steps", cfg.warmup_steps > 0)) if on]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to causal-LM training only (--task causal-lm); "
+                          "classifier training does not support them yet")
+
+
 def prepare_training(cfg: TrainConfig) -> TrainPlan:
     """Check the dataset, model and checkpoints before any rank starts; writes nothing."""
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
     task = resolve_task(ds, cfg.task, cfg.label_column)
     meta = ds.manifest.metadata
     lm = lm_spec(ds, cfg.feature_column, cfg.seq_len) if task == "causal-lm" else None
+    if lm is None:
+        _refuse_lm_only_options(cfg)
     cols = Columns(lm.column, None, None, None) if lm else resolve_columns(ds, cfg.feature_column, cfg.label_column)
     name = default_model(meta, task) if cfg.model == "auto" else cfg.model
     args = {**infer_args(name, meta), **cfg.model_args}

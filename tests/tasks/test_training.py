@@ -194,3 +194,15 @@ def test_bad_train_parameters():
     ]:
         with pytest.raises(ValidationError, match=message):
             TrainConfig(dataset="/tmp/x", **kwargs)
+
+
+def test_lm_only_optimizer_options_are_refused_for_classifiers(digits_dataset, tmp_path):
+    """Accumulation, clipping and the LR schedule act on causal LMs only: a classifier run that
+    asks for them is refused by name instead of silently ignoring them."""
+    from tasks.training import TrainConfig, prepare_training
+
+    for kw, flag in (({"grad_accum": 2}, "--grad-accum"), ({"grad_clip": 1.0}, "--grad-clip"),
+                     ({"lr_schedule": "cosine"}, "--lr-schedule cosine"), ({"warmup_steps": 5}, "--warmup-steps")):
+        with pytest.raises(ConfigError, match=f"{flag}.*causal-LM training only"):
+            prepare_training(TrainConfig(dataset=digits_dataset, checkpoint_dir=str(tmp_path / "never"), **kw))
+    assert not (tmp_path / "never").exists()
