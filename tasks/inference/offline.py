@@ -29,22 +29,21 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from storage import checkpoint as ckpt, codecs, manifest as manifest_mod
-from storage.cleanup import remove_unreferenced
+from storage import checkpoint as ckpt, manifest as manifest_mod
 from storage.dataset import Dataset
-from storage.errors import ConfigError, ManifestError
-from storage.manifest import Manifest, ShardEntry
+from storage.errors import ConfigError
+from storage.manifest import ShardEntry
 from storage.urls import url_to_fs
 from tasks.inference.config import InferConfig, InferOptions, InferTarget  # noqa: F401 - also importable from here
 from tasks.inference.offline_checks import check_output, model_columns
 from tasks.inference.prediction_shards import (
     FORMAT,
     PREDICTIONS_KIND,
-    existing_entry,
+    commit_outputs,
+    contiguous_groups,
     prediction_name,
     present_names,
     read_inputs,
-    schema_of,
     write_predictions,
 )
 from tasks.retries import retry_unless_user_error
@@ -142,18 +141,7 @@ def plan_inference(cfg: InferConfig) -> InferPlan:
 
 def group_inputs(plan: InferPlan, n_groups: int) -> list[InferGroup]:
     """Contiguous groups of the unfinished input shards with similar row counts."""
-    todo = plan.todo
-    if not todo:
-        return []
-    n_groups = max(1, min(n_groups, len(todo)))
-    target = sum(e.rows for e, _ in todo) / n_groups
-    groups: list[list] = [[]]
-    acc = 0
-    for item in todo:
-        if groups[-1] and acc >= target * len(groups) and len(groups) < n_groups:
-            groups.append([])
-        groups[-1].append(item)
-        acc += item[0].rows
+    groups = contiguous_groups(plan.todo, n_groups, rows=lambda item: item[0].rows)
     return [InferGroup(i, plan.run, plan.config, plan.columns, g) for i, g in enumerate(groups)]
 
 
@@ -279,30 +267,17 @@ def commit_inference(plan: InferPlan, outputs: list[GroupOutput], seconds: float
     ``predict_seconds``: wall time of the prediction phase (default: ``seconds``)."""
     cfg = plan.config
     fs, root = url_to_fs(cfg.output, cfg.storage_options)
-    root = root.rstrip("/")
-    previous = manifest_mod.read_if_exists(fs, root)
-    known = {e.name: e for e in previous.shards} if previous is not None else {}
-    known.update({e.name: e for o in outputs for e in o.entries})
-    entries = []
-    for source, name in sorted(plan.todo + plan.done, key=lambda p: (p[0].split, p[0].name)):
-        entry = existing_entry(fs, root, name, source.split, known)
-        if entry.rows != source.rows:
-            raise ManifestError(f"prediction shard {name!r} has {entry.rows} rows for {source.rows} input rows")
-        entries.append(entry)
-    codec, level = codecs.resolve(cfg.codec)
-    manifest = Manifest(
-        shard_format=FORMAT, codec=codec, level=level, schema=schema_of(fs, root, entries[0]), shards=entries,
+    manifest = commit_outputs(
+        fs, root.rstrip("/"), plan.todo + plan.done, [e for o in outputs for e in o.entries], cfg.codec,
         metadata={"kind": PREDICTIONS_KIND, "key": ["shard", "row"], "model": plan.model_url,
                   "model_hash": plan.model_hash, "dataset": cfg.dataset, "dataset_hash": plan.dataset_hash},
         source={"model_hash": plan.model_hash, "dataset_hash": plan.dataset_hash, "options": _options(cfg)},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    manifest_mod.write(fs, root, manifest)
-    remove_unreferenced(fs, root, keep=[manifest, previous])
     predicted = sum(o.rows for o in outputs)
     busy = sum(o.seconds for o in outputs)
     return InferResult(
-        output=cfg.output, rows=manifest.rows, shards=len(entries), predicted_shards=sum(len(o.entries) for o in outputs),
+        output=cfg.output, rows=manifest.rows, shards=len(manifest.shards), predicted_shards=sum(len(o.entries) for o in outputs),
         skipped_shards=len(plan.done), seconds=round(seconds, 3),
         rows_per_second=round(predicted / max(predict_seconds or seconds, 1e-9), 1) if outputs else 0.0,
         data_stall_share=round(sum(o.stall_s for o in outputs) / busy, 4) if busy else 0.0,

@@ -18,15 +18,17 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from storage import atomic, codecs, formats
+from storage import atomic, codecs, formats, manifest as manifest_mod
+from storage.cleanup import remove_unreferenced
 from storage.dataset import Dataset
+from storage.errors import ManifestError
 from storage.hashing import digest_bytes
-from storage.manifest import ShardEntry
+from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX
 from tasks.training.data import feature_array
 
@@ -125,10 +127,14 @@ def write_predictions(fs, root: str, shard: InputShard, logits: np.ndarray, prob
     }
     if probabilities:
         columns["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
-    table = pa.table(columns)
+    return write_table(fs, root, shard.name, shard.entry.split, pa.table(columns), codec)
+
+
+def write_table(fs, root: str, name: str, split: str, table: pa.Table, codec: str) -> ShardEntry:
+    """Write ``table`` as shard ``name`` of an output dataset, atomically; its manifest entry."""
     data = formats.get(FORMAT).encode(table, codec, codecs.resolve(codec)[1])
-    atomic.write_bytes(fs, f"{root}/{shard.name}", data)
-    return ShardEntry(name=shard.name, split=shard.entry.split, rows=rows, bytes=len(data), hash=digest_bytes(data),
+    atomic.write_bytes(fs, f"{root}/{name}", data)
+    return ShardEntry(name=name, split=split, rows=table.num_rows, bytes=len(data), hash=digest_bytes(data),
                       raw_bytes=table.nbytes)
 
 
@@ -145,3 +151,43 @@ def existing_entry(fs, root: str, name: str, split: str, known: dict[str, ShardE
 
 def schema_of(fs, root: str, entry: ShardEntry) -> pa.Schema:
     return formats.get(FORMAT).decode(fs.cat_file(f"{root}/{entry.name}")).schema
+
+
+def contiguous_groups(items: list, n_groups: int, rows: Callable[[Any], int]) -> list[list]:
+    """``items`` cut, in order, into at most ``n_groups`` runs of similar total ``rows``."""
+    if not items:
+        return []
+    n_groups = max(1, min(n_groups, len(items)))
+    target = sum(rows(i) for i in items) / n_groups
+    groups: list[list] = [[]]
+    acc = 0
+    for item in items:
+        if groups[-1] and acc >= target * len(groups) and len(groups) < n_groups:
+            groups.append([])
+        groups[-1].append(item)
+        acc += rows(item)
+    return groups
+
+
+def commit_outputs(fs, root: str, pairs: list[tuple[ShardEntry, str]], written: list[ShardEntry], codec: str,
+                   metadata: dict, source: dict, created: str) -> Manifest:
+    """The manifest of an output dataset with one shard per input (``pairs``: input entry,
+    output shard name), written last and atomically; shards it does not name are removed.
+
+    Output entries come from ``written`` (this run), the previous manifest, or the shard
+    itself (a run killed before its commit); each must have as many rows as its input."""
+    previous = manifest_mod.read_if_exists(fs, root)
+    known = {e.name: e for e in previous.shards} if previous is not None else {}
+    known.update({e.name: e for e in written})
+    entries = []
+    for source_entry, name in sorted(pairs, key=lambda p: (p[0].split, p[0].name)):
+        entry = existing_entry(fs, root, name, source_entry.split, known)
+        if entry.rows != source_entry.rows:
+            raise ManifestError(f"output shard {name!r} has {entry.rows} rows for {source_entry.rows} input rows")
+        entries.append(entry)
+    codec_name, level = codecs.resolve(codec)
+    manifest = Manifest(shard_format=FORMAT, codec=codec_name, level=level, schema=schema_of(fs, root, entries[0]),
+                        shards=entries, metadata=metadata, source=source, created=created)
+    manifest_mod.write(fs, root, manifest)
+    remove_unreferenced(fs, root, keep=[manifest, previous])
+    return manifest
