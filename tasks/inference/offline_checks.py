@@ -43,18 +43,18 @@ def model_columns(model: str, meta: dict, ds: Dataset) -> Columns:
     return Columns(feature, "", tuple(shape) if shape else None, scale)
 
 
-def check_output(output: str, dataset: str, storage_options: dict):
-    """``(fs, root)`` of an output the predictions may go to: a folder (or a new path) of
-    its own, holding nothing or earlier predictions. Removing shards that the manifest does
-    not name is then safe."""
+def check_output(output: str, dataset: str, storage_options: dict, kind: str = PREDICTIONS_KIND):
+    """``(fs, root)`` of an output the predictions (or another ``kind`` of output dataset) may
+    go to: a folder (or a new path) of its own, holding nothing or an earlier output of that
+    kind. Removing shards that the manifest does not name is then safe."""
     fs, root = check_destination(output, storage_options, role="output")
     if _overlap(output, dataset, storage_options):
-        raise ConfigError(f"output {output!r} overlaps dataset {dataset!r}; predictions need a folder of "
+        raise ConfigError(f"output {output!r} overlaps dataset {dataset!r}; {kind} need a folder of "
                           "their own, neither inside the dataset nor around it")
     previous = manifest_mod.read_if_exists(fs, root)
-    if previous is not None and previous.metadata.get("kind") != PREDICTIONS_KIND:
-        raise DestinationError(f"output {output!r} holds a dataset that is not predictions "
-                               f"(kind {previous.metadata.get('kind')!r}); give a new folder for the predictions")
+    if previous is not None and previous.metadata.get("kind") != kind:
+        raise DestinationError(f"output {output!r} holds a dataset that is not {kind} "
+                               f"(kind {previous.metadata.get('kind')!r}); give a new folder for the {kind}")
     return fs, root
 
 
