@@ -200,6 +200,17 @@ def _infer(app: typer.Typer) -> None:
         run_flow("flows.infer:batch_inference", "print_infer_summary", InferConfig(**config))
 
 
+@command("generate")
+def _generate(app: typer.Typer) -> None:
+    from tasks.generation.offline_config import GenerateConfig
+
+    @config_command(app, "generate", [Section.of("config", GenerateConfig)], arguments=("model", "prompts", "output"))
+    def generate(config: dict) -> None:
+        """Complete prompts (a staged text dataset or JSON Lines) with a language model on Dask workers;
+        continuous batching on each worker, resumable."""
+        run_flow("flows.generate:batch_generate", "print_generate_summary", GenerateConfig(**config))
+
+
 @command("prefect-server")
 def _prefect_server(app: typer.Typer) -> None:
     def prefect_server(

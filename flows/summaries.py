@@ -175,6 +175,25 @@ def print_infer_summary(result) -> None:
     )
 
 
+def print_generate_summary(result) -> None:
+    from deployments.runtime import ui_url
+
+    sample = result.samples[0] if result.samples else None
+    print_kv(
+        "generated",
+        [
+            ("generations", f"{result.output}  ({result.rows:,} prompts, {result.shards} shards)"),
+            ("shards", f"{result.generated_shards} generated, {result.skipped_shards} already done"),
+            ("tokens", f"{result.generated_tokens:,} generated for {result.prompt_tokens:,} prompt tokens"),
+            ("throughput", f"{result.tokens_per_second:,.0f} tokens/s on {', '.join(result.devices) or '-'} "
+                           f"(batch occupancy {100 * result.mean_occupancy:.0f}%)"),
+            ("sample", f"{sample['prompt'][:60]!r} -> {sample['completion'][:60]!r}" if sample else "-"),
+            ("time", f"{result.seconds:.1f} s"),
+            ("Prefect UI", ui_url() or "-"),
+        ],
+    )
+
+
 def print_serving(model: str, url: str, description: dict | None = None) -> None:
     out.print(f"serving {model} at {url} (POST /predict, GET /health, GET /metrics); Ctrl-C to stop",
               highlight=False, soft_wrap=True)

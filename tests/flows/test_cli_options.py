@@ -19,6 +19,7 @@ from tasks.fields import byte_size, one_of
 
 def _commands():
     from flows.lifecycle import DataParams, lifecycle
+    from tasks.generation.offline_config import GenerateConfig
     from tasks.inference.config import InferConfig, ServeConfig
     from tasks.optimize.config import OptimizeConfig
     from tasks.staging import StageConfig
@@ -30,6 +31,7 @@ def _commands():
         "train": everything(TrainConfig),
         "optimize": everything(OptimizeConfig),
         "infer": everything(InferConfig),
+        "generate": everything(GenerateConfig),
         "serve-model": everything(ServeConfig),
         "serve": everything(ServeConfig),
         "lifecycle": {"source", "epochs", "model", "world_size", "output", "storage_options", "dask_address"}
