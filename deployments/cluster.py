@@ -14,9 +14,11 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
+from deployments.progress import Progress
 from storage.errors import ConfigError
 
 _LOCK = threading.Lock()
@@ -167,6 +169,22 @@ def map_groups(runner, task, groups: list, progress) -> list:
         results.append(result)
         progress.advance(result.rows)
     return results
+
+
+def fan_out(dask_address: str | None, task, make_groups: Callable[[int], list], total: float,
+            description: str) -> tuple[list, float]:
+    """Run ``task`` over ``make_groups(n)`` on a Dask runner, ``n`` the workers (the GPU workers
+    where the cluster has them: one task per worker, each loading its model once), with a
+    progress bar of ``total`` advanced by each result's ``rows``; ``(results, seconds the
+    groups took)``."""
+    with dask_runner(dask_address) as runner, gpu_tasks(runner) as on_gpus:
+        groups = make_groups(worker_count(runner, "GPU" if on_gpus else None))
+        progress = Progress(description, total=total)
+        began = time.perf_counter()
+        outputs = map_groups(runner, task, groups, progress)
+        seconds = time.perf_counter() - began
+        progress.finish()
+    return outputs, seconds
 
 
 def worker_count(runner, resource: str | None = None) -> int:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-from deployments.cluster import dask_runner, gpu_tasks, map_groups, worker_count
-from deployments.progress import Progress
+from deployments.cluster import fan_out
 from flows.base import swarm_flow
 from tasks import artifacts
 from tasks.generation.offline import (
@@ -28,15 +27,9 @@ def batch_generate(config: GenerateConfig) -> GenerateResult:
     outputs = []
     generate_seconds = None
     if plan.todo:
-        with dask_runner(config.dask_address) as runner, gpu_tasks(runner) as on_gpus:
-            # One task per worker: each loads the model once and keeps its engine's queue full.
-            groups = group_units(plan, n_groups=worker_count(runner, "GPU" if on_gpus else None))
-            rows = plan.todo_rows
-            progress = Progress(f"generating {rows:,} prompts in {len(plan.todo)} shard(s)", total=rows)
-            began = time.perf_counter()
-            outputs = map_groups(runner, generate_group_task, groups, progress)
-            generate_seconds = time.perf_counter() - began
-            progress.finish()
+        outputs, generate_seconds = fan_out(config.dask_address, generate_group_task, lambda n: group_units(plan, n),
+                                            plan.todo_rows, f"generating {plan.todo_rows:,} prompts in "
+                                                            f"{len(plan.todo)} shard(s)")
     result = commit_generation_task(plan, outputs, time.perf_counter() - started, generate_seconds)
     artifacts.table("batch-generate", [{
         "output": result.output, "prompts": result.rows, "shards": result.shards,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-from deployments.cluster import dask_runner, gpu_tasks, map_groups, worker_count
-from deployments.progress import Progress
+from deployments.cluster import fan_out
 from flows.base import swarm_flow
 from tasks import artifacts
 from tasks.inference.offline import (
@@ -26,15 +25,9 @@ def batch_inference(config: InferConfig) -> InferResult:
     outputs = []
     predict_seconds = None
     if plan.todo:
-        with dask_runner(config.dask_address) as runner, gpu_tasks(runner) as on_gpus:
-            # One task per worker: each task loads the model, which for large models takes long.
-            groups = group_inputs(plan, n_groups=worker_count(runner, "GPU" if on_gpus else None))
-            rows = sum(e.rows for e, _ in plan.todo)
-            progress = Progress(f"predicting {rows:,} rows in {len(plan.todo)} shard(s)", total=rows)
-            began = time.perf_counter()
-            outputs = map_groups(runner, predict_group_task, groups, progress)
-            predict_seconds = time.perf_counter() - began
-            progress.finish()
+        rows = sum(e.rows for e, _ in plan.todo)
+        outputs, predict_seconds = fan_out(config.dask_address, predict_group_task, lambda n: group_inputs(plan, n), rows,
+                                           f"predicting {rows:,} rows in {len(plan.todo)} shard(s)")
     result = commit_inference_task(plan, outputs, time.perf_counter() - started, predict_seconds)
     artifacts.table("batch-inference", [{
         "output": result.output, "rows": result.rows, "shards": result.shards, "predicted": result.predicted_shards,
