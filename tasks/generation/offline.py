@@ -155,12 +155,12 @@ def plan_generation(cfg: GenerateConfig) -> GeneratePlan:
     if params.max_new_tokens >= runner.context:
         raise ConfigError(f"max_new_tokens is {params.max_new_tokens}; model {cfg.model!r} has a context of "
                           f"{runner.context} tokens, prompt included: ask for at most {runner.context - 1}")
-    pool_tokens = cfg.pool_tokens or cfg.max_batch * runner.context
+    pool = cfg.pool_tokens or runner.context  # the least a worker's default pool holds
     for batch in batches:
         for key, tokens in zip(batch.ids, batch.tokens):
             try:
                 validate(Request(tokens, params, request_id="check"), runner.context, runner.vocab_size,
-                         runner.context, pool_tokens)
+                         runner.context, pool)
             except ConfigError as exc:
                 raise ConfigError(f"prompt {key} of {batch.entry.name!r}: {exc}") from None
     options = cfg.output_options()
@@ -187,10 +187,25 @@ def row_seed(seed: int | None, unit: ShardEntry, row: int) -> int | None:
     return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
 
 
+def pool_tokens(cfg: GenerateConfig, runner) -> int:
+    """The KV pool's size: as given, else ``max_batch`` x the context, capped at a quarter of
+    the host's available memory (half of the GPU's free memory) but never under one context
+    (every valid request must fit; the scheduler preempts when decoding runs out of blocks)."""
+    if cfg.pool_tokens:
+        return cfg.pool_tokens
+    import psutil
+    import torch
+
+    device = runner.device
+    free = (torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda"
+            else psutil.virtual_memory().available // 4)
+    return max(runner.context, min(cfg.max_batch * runner.context, free // runner.bytes_per_token()))
+
+
 def make_engine(cfg: GenerateConfig, runner):
     from tasks.generation import Engine
 
-    return Engine(runner, pool_tokens=cfg.pool_tokens, block_size=cfg.block_size, max_batch=cfg.max_batch,
+    return Engine(runner, pool_tokens=pool_tokens(cfg, runner), block_size=cfg.block_size, max_batch=cfg.max_batch,
                   max_waiting=max(256, 4 * cfg.max_batch), max_tokens_per_step=cfg.max_tokens_per_step)
 
 

@@ -42,11 +42,12 @@ class GenerateOptions(BaseModel):
         "Sampling seed: each prompt's samples then depend only on it and the prompt's row"))
     stop: list[str] = Field(default_factory=list, description="Stop strings (cut from the completion)")
     prompts_per_shard: int = Field(256, ge=1, le=1_000_000, description="JSON Lines: prompts per output shard")
-    max_batch: int = Field(64, ge=1, le=4096, description="Sequences decoding at once on a worker, at most")
+    max_batch: int = Field(128, ge=1, le=4096, description="Sequences decoding at once on a worker, at most")
     max_tokens_per_step: int = Field(512, ge=1, description=(
         "Tokens one engine step runs at most (decodes plus chunks of prefill); at least max_batch"))
     pool_tokens: int | None = Field(None, ge=1, description=(
-        "KV-cache pool size in tokens per worker (default: max_batch x the model's context)"))
+        "KV-cache pool size in tokens per worker (default: max_batch x the model's context, at most a quarter "
+        "of the worker's available memory, half of its GPU's free memory)"))
     block_size: int = Field(16, ge=1, le=1024, description="KV-cache block size in tokens")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the worker's GPU when it has one")
     codec: Codec = Field("zstd", description="Codec of the output shards")
