@@ -231,7 +231,8 @@ def generate_group(group: GenerateGroup) -> GenerateGroupOutput:
             samples.extend(table.select(["id", "prompt", "completion", "finish_reason"])
                            .slice(0, SAMPLE_ROWS - len(samples)).to_pylist())
 
-    run_units(engine, group.units, cfg, on_unit)
+    present = present_names(fs, root)  # a retried task keeps what its killed attempt finished
+    run_units(engine, [(b, n) for b, n in group.units if n not in present], cfg, on_unit)
     stats = engine.stats()
     return GenerateGroupOutput(
         group.index, entries, sum(b.entry.rows for b, _ in group.units), time.perf_counter() - started,

@@ -55,6 +55,8 @@ def test_outputs_equal_the_engine_and_rerun_skips(tmp_path, lm):
     assert result.generated_tokens == sum(len(r.tokens) for r in direct) and result.samples
     assert result.occupancy and all(p[1] <= 4 for o in result.occupancy for p in o["points"])
 
+    retried = generate_group(group_units(plan, 1)[0])  # a retried task: its finished shards are kept
+    assert retried.entries == [] and retried.rows == 11
     again = plan_generation(cfg)
     assert (len(again.todo), len(again.done)) == (0, 3)
     assert commit_generation(again, [], 0.1).manifest_hash == result.manifest_hash
