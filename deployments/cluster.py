@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from deployments.progress import Progress
 from storage.errors import ConfigError
+from tasks.dask_workers import live_workers
 
 _LOCK = threading.Lock()
 _LOCAL = None
@@ -189,7 +190,7 @@ def fan_out(dask_address: str | None, task, make_groups: Callable[[int], list], 
 
 def worker_count(runner, resource: str | None = None) -> int:
     """Workers of the runner's cluster (those advertising ``resource`` when given), at least 1."""
-    workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = live_workers(runner.client).values()
     return max(1, sum(1 for w in workers if resource is None or w.get("resources", {}).get(resource)))
 
 
