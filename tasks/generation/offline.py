@@ -150,7 +150,7 @@ def plan_generation(cfg: GenerateConfig) -> GeneratePlan:
         raise ConfigError(f"max_tokens_per_step ({cfg.max_tokens_per_step}) must be at least max_batch "
                           f"({cfg.max_batch}): every running sequence decodes a token at every step")
     batches = read_prompts(cfg.prompts, cfg.storage_options, cfg.prompt_column, cfg.split, cfg.prompts_per_shard,
-                           runner.tokenizer)
+                           runner.tokenizer, cfg.prompt_tokens)
     params = cfg.sampling()
     if params.max_new_tokens >= runner.context:
         raise ConfigError(f"max_new_tokens is {params.max_new_tokens}; model {cfg.model!r} has a context of "

@@ -34,6 +34,9 @@ class GenerateOptions(BaseModel):
         "Column holding the prompt text (default: 'prompt', else 'text'; an unpacked text dataset without "
         "text: its token ids)"))
     split: str | None = Field(None, description="Staged dataset: the split to generate for (default: every split)")
+    prompt_tokens: int | None = Field(None, ge=1, description=(
+        "Prompts of token ids (a text dataset without text): the first N tokens of each row; needed for a packed "
+        "text dataset, whose rows are blocks"))
     max_new_tokens: int = Field(64, description="New tokens per prompt at most")
     temperature: float = Field(0.0, description="Sampling temperature (0: greedy)")
     top_p: float = Field(1.0, description="Nucleus sampling: keep the smallest set of tokens over this mass, in (0, 1]")
@@ -67,7 +70,7 @@ class GenerateOptions(BaseModel):
 
     def output_options(self) -> dict:
         """What a generation's content depends on (output shard names hash it)."""
-        return {"prompt_column": self.prompt_column, "codec": self.codec,
+        return {"prompt_column": self.prompt_column, "prompt_tokens": self.prompt_tokens, "codec": self.codec,
                 **{name: getattr(self, name) for name in SAMPLING_FIELDS}}
 
 

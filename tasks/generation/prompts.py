@@ -8,8 +8,9 @@ names that shard, so a re-run finds the finished ones. Each row keeps an ``id``:
 source's own ``id`` field where it has one, else the row's place in the whole source.
 
 The prompt is the text of ``prompt_column`` (default ``prompt``, else ``text``), encoded
-with the model's tokenizer; an unpacked text dataset without text gives its token ids
-(without the trailing end-of-text).
+with the model's tokenizer; a text dataset without text gives its token ids: an unpacked
+one each document's (without the trailing end-of-text, cut to ``prompt_tokens`` when
+given), a packed one the first ``prompt_tokens`` of each block (padding left out).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class PromptBatch:
 
 
 def read_prompts(prompts: str, storage_options: dict, prompt_column: str | None, split: str | None,
-                 prompts_per_shard: int, tokenizer) -> list[PromptBatch]:
+                 prompts_per_shard: int, tokenizer, prompt_tokens: int | None = None) -> list[PromptBatch]:
     """Every unit of prompts of ``prompts``, encoded with ``tokenizer`` (None: the model has none)."""
     fs, path = url_to_fs(prompts, storage_options)
     path = path.rstrip("/")
@@ -51,7 +52,8 @@ def read_prompts(prompts: str, storage_options: dict, prompt_column: str | None,
     except OSError as exc:
         raise SourceError(f"cannot read prompts {prompts!r}: {exc}") from None
     if staged:
-        batches = _from_dataset(Dataset.open(prompts, storage_options), prompt_column, split, tokenizer)
+        batches = _from_dataset(Dataset.open(prompts, storage_options), prompt_column, split, tokenizer,
+                                prompt_tokens)
     else:
         if split is not None:
             raise ConfigError(f"split {split!r} is given but prompts {prompts!r} are JSON Lines, not a staged dataset")
@@ -80,20 +82,22 @@ def _encode(texts: list[str], tokenizer, where: str) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts)] if texts else []
 
 
-def _from_dataset(ds: Dataset, given: str | None, split: str | None, tokenizer) -> list[PromptBatch]:
+def _from_dataset(ds: Dataset, given: str | None, split: str | None, tokenizer,
+                  prompt_tokens: int | None) -> list[PromptBatch]:
     meta = ds.manifest.metadata
-    unpacked_text = meta.get("kind") == "text" and meta.get("packing") == "unpacked"
-    column = _choose(ds.schema.names, given, f"dataset {ds.url!r}", tokens_fallback=unpacked_text)
-    if column is None and not unpacked_text:
+    text = meta.get("kind") == "text"
+    column = _choose(ds.schema.names, given, f"dataset {ds.url!r}", tokens_fallback=text)
+    if column is None and meta.get("packing") == "packed" and prompt_tokens is None:
         raise ConfigError(f"dataset {ds.url!r} is a packed text dataset without text: its rows are blocks, not "
-                          f"prompts; stage the prompts with --packing unpacked (and --keep-text)")
+                          f"prompts; give --prompt-tokens N (each block's first N tokens are a prompt), or stage "
+                          f"the prompts with --packing unpacked --keep-text")
     if column is not None and not pa.types.is_string(ds.schema.field(column).type) \
             and not pa.types.is_large_string(ds.schema.field(column).type):
         raise ConfigError(f"prompt column {column!r} of dataset {ds.url!r} is {ds.schema.field(column).type}, "
                           f"not text")
     if split is not None and split not in ds.manifest.splits:
         raise ConfigError(f"split {split!r} is not in dataset {ds.url!r}; it has: {', '.join(ds.manifest.splits)}")
-    eot = meta.get("eot_id")
+    eot, pad = meta.get("eot_id"), meta.get("pad_id")
     batches, index = [], 0
     for entry in ds.shards(split):
         table = ds.read_shard(entry, verify=True)
@@ -105,6 +109,7 @@ def _from_dataset(ds: Dataset, given: str | None, split: str | None, tokenizer) 
             tokens = _encode(texts, tokenizer, f"dataset {ds.url!r}")
         else:
             tokens = [t[:-1] if t and t[-1] == eot else t for t in table.column("tokens").to_pylist()]
+            tokens = [[i for i in t[:prompt_tokens] if i != pad] for t in tokens]
             texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else [""] * len(tokens)
         batches.append(PromptBatch(entry, [str(i) for i in ids], texts, tokens))
     return batches

@@ -99,6 +99,20 @@ def test_unpacked_text_dataset_prompts(tmp_path, lm):
     assert plan_generation(tokens_only).rows == 12
 
 
+def test_packed_text_dataset_prompts_are_block_heads(tmp_path, lm):
+    from tests.lm_data import text_dataset
+
+    ds = text_dataset(str(tmp_path / "packed"), n_docs=40, seq_len=32)
+    cfg = GenerateConfig(model=lm, prompts=ds, output=str(tmp_path / "out"), split="val", max_new_tokens=4)
+    with pytest.raises(ConfigError, match="packed text dataset without text: .* give --prompt-tokens N"):
+        plan_generation(cfg)
+    plan, result = _run(cfg.model_copy(update={"prompt_tokens": 8}))
+    blocks = Dataset.open(ds).read_table(split="val").column("tokens").to_pylist()
+    assert result.rows == len(blocks) and all(len(b.tokens[0]) <= 8 for b, _ in plan.todo)
+    assert [len(t) for b, _ in plan.todo for t in b.tokens] == [
+        len([i for i in blk[:8] if i != Dataset.open(ds).manifest.metadata["pad_id"]]) for blk in blocks]
+
+
 @pytest.mark.parametrize("case,error,message", [
     ("empty", ConfigError, "prompt p1 of 'p.jsonl#0-3': the prompt is empty"),
     ("long", ConfigError, f"the model's context is {CONTEXT} tokens"),
