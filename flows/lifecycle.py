@@ -2,7 +2,9 @@
 
 For a language model (a text source, ``--preset text``), the last stage is not classifier
 inference: the optimized model's validation perplexity is compared with a unigram model's
-on the same tokens (both in the result and the summary).
+on the same tokens (both in the result and the summary), and the optimized model generates
+continuations of the validation prompts (the first tokens of each validation block,
+``batch_generate``).
 
 Each stage runs inside a cached task whose key is a content hash of its inputs (source
 listing, manifest, checkpoint tensors) and options, never of Python objects, and whose
@@ -25,10 +27,13 @@ from pydantic import BaseModel, Field
 from flows.base import swarm_flow
 from flows.presets import Preset, apply_preset
 from flows.stage import stage_dataset
+from flows.generate import batch_generate
 from flows.infer import batch_inference
 from flows.optimize import optimize_model
 from flows.train import TrainResult, train_model
 from tasks import artifacts
+from tasks.generation.offline import GenerateResult, generate_status_task
+from tasks.generation.offline_config import GenerateConfig, GenerateOptions
 from tasks.inference.config import InferConfig, InferOptions
 from tasks.inference.offline import InferResult, infer_status_task
 from tasks.optimize import OptimizeConfig, OptimizeResult, optimize_status_task
@@ -62,6 +67,8 @@ class LifecycleResult(BaseModel):
     optimized: OptimizeResult
     predictions: str | None  # classifiers: the infer stage's output
     predicted: InferResult | None
+    generations: str | None = None  # language models: the generate stage's output
+    generated: GenerateResult | None = None
     stages_run: list[str]
     stages_cached: list[str]
     seconds: float
@@ -91,6 +98,12 @@ def infer_step(config: InferConfig, key: str) -> InferResult:
     return batch_inference(config)
 
 
+@task(name="generate", **CACHED)
+def generate_step(config: GenerateConfig, key: str) -> GenerateResult:
+    """Offline generation (cached by model tensors, prompts and options)."""
+    return batch_generate(config)
+
+
 def dataset_name(params: DataParams) -> str:
     if params.name:
         return params.name
@@ -110,6 +123,7 @@ def lifecycle(
     training: TrainOptions = TrainOptions(),
     optimization: OptimizeOptions = OptimizeOptions(quantize="int8-dynamic"),
     inference: InferOptions = InferOptions(),
+    generation: GenerateOptions = GenerateOptions(split="val", prompt_tokens=32, max_new_tokens=32),
     output: Annotated[str, Field(description="Root folder or URL for datasets, checkpoints, models, predictions")]
     = "swarm-data",
     storage_options: Annotated[dict[str, Any] | None, Field(description="fsspec options; never credentials")] = None,
@@ -144,10 +158,20 @@ def lifecycle(
                             **access)
         predicted = _run(infer_step, infer_status_task(probe, f"{root}/predictions/{name}-"), ran, cached, "infer")
 
+    generated = None
+    if trained.task == "causal-lm":
+        if generation.split is not None and generation.split not in staged.splits:
+            generation = generation.model_copy(update={"split": None})
+        probe = GenerateConfig(model=optimized.output, prompts=staged.dest, output="-", **generation.model_dump(),
+                               **access)
+        generated = _run(generate_step, generate_status_task(probe, f"{root}/generations/{name}-"), ran, cached,
+                         "generate")
+
     result = LifecycleResult(
         output=root, dataset=staged.dest, checkpoint=trained.checkpoint, model=optimized.output,
         staged=staged, trained=trained, optimized=optimized, predicted=predicted,
         predictions=predicted.output if predicted else None,
+        generated=generated, generations=generated.output if generated else None,
         stages_run=ran, stages_cached=cached, seconds=round(time.perf_counter() - started, 2),
     )
     artifacts.table("lifecycle", [{
@@ -155,6 +179,7 @@ def lifecycle(
         "val_perplexity": trained.val_perplexity, "unigram_val_perplexity": trained.unigram_val_perplexity,
         "model": optimized.output, "model_bytes_before": optimized.before.get("size_bytes"),
         "model_bytes_after": optimized.after.get("size_bytes"), "predictions": result.predictions or "-",
+        "generations": result.generations or "-",
         "ran": ", ".join(ran) or "-", "cached": ", ".join(cached) or "-", "seconds": result.seconds,
     }], description="The lifecycle run")
     return result

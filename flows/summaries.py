@@ -123,6 +123,11 @@ def print_lifecycle_summary(result) -> None:
                    ("validation perplexity", ppl), ("unigram perplexity", _unigram(trained)),
                    ("training", f"{trained.tokens_per_s or 0:,.0f} tokens/s, {trained.epochs} epochs")]
         last = [("optimized perplexity", "-" if after is None else f"{after:,.2f}")]
+        if result.generated is not None:
+            gen = result.generated
+            sample = gen.samples[0]["completion"][:60] if gen.samples else ""
+            last.append(("generations", f"{result.generations}  ({gen.rows:,} prompts, "
+                                        f"{gen.tokens_per_second:,.0f} tokens/s) e.g. {sample!r}"))
     else:
         acc = "-" if trained.val_acc is None else f"{100 * trained.val_acc:.2f}%"
         quality = [("model", f"{trained.model} ({trained.parameters:,} parameters), validation accuracy {acc}"),

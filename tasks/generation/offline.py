@@ -36,13 +36,13 @@ from datetime import datetime, timezone
 import pyarrow as pa
 from pydantic import BaseModel
 
-from storage import checkpoint as ckpt
+from storage import checkpoint as ckpt, manifest as manifest_mod
 from storage.errors import ConfigError
 from storage.manifest import ShardEntry
 from storage.urls import url_to_fs
-from tasks.generation.offline_config import GenerateConfig
+from tasks.generation.offline_config import GenerateConfig, GenerateOptions
 from tasks.generation.params import Request, validate
-from tasks.generation.prompts import PromptBatch, read_prompts
+from tasks.generation.prompts import PromptBatch, prompts_hash, read_prompts
 from tasks.inference.offline_checks import check_output
 from tasks.inference.prediction_shards import (
     commit_outputs,
@@ -52,6 +52,7 @@ from tasks.inference.prediction_shards import (
     write_table,
 )
 from tasks.retries import retry_unless_user_error
+from tasks.step_status import StepStatus, keyed_status
 
 GENERATIONS_KIND = "generations"  # the output manifest's metadata ``kind``
 OCCUPANCY_POINTS = 400  # per group, for the occupancy plot
@@ -62,6 +63,7 @@ SAMPLE_ROWS = 8
 class GeneratePlan:
     config: GenerateConfig
     model_hash: str
+    prompts_hash: str
     todo: list[tuple[PromptBatch, str]]  # (prompts of a unit, its output shard name)
     done: list[tuple[ShardEntry, str]]
     rows: int
@@ -166,7 +168,7 @@ def plan_generation(cfg: GenerateConfig) -> GeneratePlan:
     options = cfg.output_options()
     named = [(b, prediction_name(b.entry, identity, options)) for b in batches]
     present = present_names(fs, root)
-    return GeneratePlan(cfg, identity, todo=[(b, n) for b, n in named if n not in present],
+    return GeneratePlan(cfg, identity, prompts_hash(cfg.prompts, cfg.storage_options), todo=[(b, n) for b, n in named if n not in present],
                         done=[(b.entry, n) for b, n in named if n in present],
                         rows=sum(b.entry.rows for b in batches), context=runner.context)
 
@@ -309,13 +311,11 @@ def commit_generation(plan: GeneratePlan, outputs: list[GenerateGroupOutput], se
     cfg = plan.config
     fs, root = url_to_fs(cfg.output, cfg.storage_options)
     pairs = [(b.entry, n) for b, n in plan.todo] + plan.done
-    source = {"model_hash": plan.model_hash, "prompts": sorted(e.hash for e, _ in pairs),
-              "options": cfg.output_options()}
     manifest = commit_outputs(
         fs, root.rstrip("/"), pairs, [e for o in outputs for e in o.entries], cfg.codec,
         metadata={"kind": GENERATIONS_KIND, "key": ["shard", "row"], "model": cfg.model, "model_hash": plan.model_hash,
                   "prompts": cfg.prompts, "options": cfg.output_options()},
-        source={**source, "prompts": hashlib.sha256(json.dumps(source["prompts"]).encode()).hexdigest()},
+        source=_source(plan.model_hash, plan.prompts_hash, cfg),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     generated = sum(o.generated_tokens for o in outputs)
@@ -335,6 +335,33 @@ def commit_generation(plan: GeneratePlan, outputs: list[GenerateGroupOutput], se
     )
 
 
+def _source(model_identity: str, prompts_identity: str, cfg: GenerateConfig) -> dict:
+    return {"model_hash": model_identity, "prompts_hash": prompts_identity, "options": cfg.output_options()}
+
+
+def generation_identity(cfg: GenerateConfig) -> str:
+    options = cfg.model_dump(include=set(GenerateOptions.model_fields))
+    body = {"model": model_hash(cfg.model, cfg.storage_options),
+            "prompts": prompts_hash(cfg.prompts, cfg.storage_options), "options": options}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def generation_finished(cfg: GenerateConfig) -> bool:
+    """Whether ``cfg.output`` holds this model's generations for these prompts and options."""
+    fs, root = url_to_fs(cfg.output, cfg.storage_options)
+    previous = manifest_mod.read_if_exists(fs, root.rstrip("/"))
+    if previous is None or previous.metadata.get("kind") != GENERATIONS_KIND:
+        return False
+    return previous.source == _source(model_hash(cfg.model, cfg.storage_options),
+                                      prompts_hash(cfg.prompts, cfg.storage_options), cfg)
+
+
+def generate_status(cfg: GenerateConfig, output_prefix: str) -> StepStatus:
+    """The generation's content key, its output folder (``output_prefix`` + key), and whether
+    that folder already holds it (the lifecycle's last stage for a language model)."""
+    return keyed_status(cfg, "output", output_prefix, generation_identity, generation_finished)
+
+
 # --------------------------------------------------------------------------- Prefect tasks
 
 
@@ -346,7 +373,8 @@ def _prefect_tasks():
     generate = task(name="generate-group", retries=2, retry_delay_seconds=1,
                     retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)(generate_group)
     commit = task(name="commit-generations", cache_policy=NO_CACHE)(commit_generation)
-    return plan, generate, commit
+    status = task(name="generate-status", cache_policy=NO_CACHE)(generate_status)
+    return plan, generate, commit, status
 
 
-plan_generation_task, generate_group_task, commit_generation_task = _prefect_tasks()
+plan_generation_task, generate_group_task, commit_generation_task, generate_status_task = _prefect_tasks()

@@ -63,6 +63,19 @@ def read_prompts(prompts: str, storage_options: dict, prompt_column: str | None,
     return batches
 
 
+def prompts_hash(prompts: str, storage_options: dict) -> str:
+    """The prompts' identity without reading them all: a staged dataset's manifest content
+    hash, else the hash of the JSON Lines files' names and bytes."""
+    fs, path = url_to_fs(prompts, storage_options)
+    path = path.rstrip("/")
+    if fs.isdir(path) and fs.exists(f"{path}/index.json"):
+        return Dataset.open(prompts, storage_options).manifest.content_hash()
+    digest = hashlib.sha256()
+    for file in _jsonl_files(fs, path, prompts):
+        digest.update(posixpath.basename(file).encode() + b"\0" + hashlib.sha256(fs.cat_file(file)).digest())
+    return digest.hexdigest()
+
+
 def _choose(names: list[str], given: str | None, where: str, tokens_fallback: bool = False) -> str | None:
     if given is not None:
         if given not in names:

@@ -11,7 +11,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
     """The lifecycle's stage tasks (stage, train, optimize, infer) and the names of their states."""
     runs = settled_task_runs(flow_run_id)
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.name.rsplit("-", 1)[0] in
-            ("stage", "train", "optimize", "infer")}
+            ("stage", "train", "optimize", "infer", "generate")}
 
 
 def test_python_call_caching_and_changed_parameter(dask_cluster, tmp_path):
@@ -66,3 +66,28 @@ def test_a_preset_fills_only_the_options_left_at_their_defaults():
     data = apply_preset("text", "data", DataParams(), DataParams())
     assert (data.source, data.vocab_size, data.seq_len) == ("python-help", 2048, 128)
     assert apply_preset("digits", "training", TrainOptions(epochs=2), TrainOptions()) == TrainOptions(epochs=2)
+def test_language_model_lifecycle_ends_with_generations(dask_cluster, tmp_path):
+    """A causal LM's lifecycle ends with the optimized model generating continuations of the
+    validation prompts (each validation block's first tokens); a second call finds it cached."""
+    from flows.lifecycle import DataParams, lifecycle
+    from storage.dataset import Dataset
+    from tasks.generation.offline_config import GenerateOptions
+    from tests.lm_data import documents
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i, doc in enumerate(documents(60)):
+        (src / f"{i:03d}.txt").write_text(doc)
+    out = str(tmp_path / "out")
+    kwargs = dict(output=out, preset="text",
+                  data=DataParams(source=str(src), vocab_size=300, seq_len=32, val_fraction=0.25),
+                  training=TrainOptions(epochs=1, model_args={"d_model": 32, "n_heads": 2, "n_layers": 1}),
+                  generation=GenerateOptions(split="val", prompt_tokens=8, max_new_tokens=6))
+    first = lifecycle(**kwargs)
+    assert first.stages_run == ["stage", "train", "optimize", "generate"] and first.predicted is None
+    val_blocks = first.staged.splits["val"]
+    assert first.generated.rows == val_blocks > 0 and first.generated.generated_tokens > 0
+    table = Dataset.open(first.generations).read_table()
+    assert table.num_rows == val_blocks and set(table.column("finish_reason").to_pylist()) <= {"length", "stop"}
+    again = lifecycle(**kwargs)
+    assert again.stages_cached == ["stage", "train", "optimize", "generate"] and again.generations == first.generations
