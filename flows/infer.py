@@ -26,8 +26,8 @@ def batch_inference(config: InferConfig) -> InferResult:
     predict_seconds = None
     if plan.todo:
         rows = sum(e.rows for e, _ in plan.todo)
-        outputs, predict_seconds = fan_out(config.dask_address, predict_group_task, lambda n: group_inputs(plan, n), rows,
-                                           f"predicting {rows:,} rows in {len(plan.todo)} shard(s)")
+        outputs, predict_seconds = fan_out(config.dask_address, predict_group_task, lambda n: group_inputs(plan, n),
+                                           rows, f"predicting {rows:,} rows in {len(plan.todo)} shard(s)")
     result = commit_inference_task(plan, outputs, time.perf_counter() - started, predict_seconds)
     artifacts.table("batch-inference", [{
         "output": result.output, "rows": result.rows, "shards": result.shards, "predicted": result.predicted_shards,

@@ -146,8 +146,10 @@ def plan_generation(cfg: GenerateConfig) -> GeneratePlan:
 
     cfg.sampling()
     fs, root = check_output(cfg.output, cfg.prompts, cfg.storage_options, kind=GENERATIONS_KIND)
-    identity = model_hash(cfg.model, cfg.storage_options)  # refuses a classifier before loading any weights
-    runner = load_runner(cfg.model, cfg.storage_options)
+    if not cfg.model.startswith("hf:"):
+        model_hash(cfg.model, cfg.storage_options)  # refuses a classifier before loading any weights
+    runner = load_runner(cfg.model, cfg.storage_options)  # checks an hf: folder, refuses what is not an LM
+    identity = model_hash(cfg.model, cfg.storage_options)
     if cfg.max_tokens_per_step < cfg.max_batch:
         raise ConfigError(f"max_tokens_per_step ({cfg.max_tokens_per_step}) must be at least max_batch "
                           f"({cfg.max_batch}): every running sequence decodes a token at every step")
@@ -168,7 +170,8 @@ def plan_generation(cfg: GenerateConfig) -> GeneratePlan:
     options = cfg.output_options()
     named = [(b, prediction_name(b.entry, identity, options)) for b in batches]
     present = present_names(fs, root)
-    return GeneratePlan(cfg, identity, prompts_hash(cfg.prompts, cfg.storage_options), todo=[(b, n) for b, n in named if n not in present],
+    return GeneratePlan(cfg, identity, prompts_hash(cfg.prompts, cfg.storage_options),
+                        todo=[(b, n) for b, n in named if n not in present],
                         done=[(b.entry, n) for b, n in named if n in present],
                         rows=sum(b.entry.rows for b in batches), context=runner.context)
 
@@ -220,6 +223,11 @@ def generate_group(group: GenerateGroup) -> GenerateGroupOutput:
     cfg = group.config
     runner = load_runner(cfg.model, cfg.storage_options)
     device = inference_device(cfg.device)
+    if device.type == "cuda" and _cpu_only(runner.model):
+        if cfg.device == "cuda":
+            raise ConfigError(f"model {cfg.model!r} has int8-dynamic layers, which run on the CPU only; "
+                              f"use device auto or cpu")
+        device = inference_device("cpu")
     runner.model.to(device)
     engine = make_engine(cfg, runner)
     fs, root = url_to_fs(cfg.output, cfg.storage_options)
@@ -242,6 +250,11 @@ def generate_group(group: GenerateGroup) -> GenerateGroupOutput:
         cfg.max_batch, samples, worker=f"{socket.gethostname()}:{os.getpid()}", device=str(device),
         steps=stats["steps"], preemptions=stats["preemptions"],
     )
+
+
+def _cpu_only(model) -> bool:
+    """Whether the model holds layers with CPU-only kernels (torch's dynamic int8 quantization)."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
 
 
 def run_units(engine, units: list[tuple[PromptBatch, str]], cfg: GenerateConfig, on_unit) -> None:

@@ -120,6 +120,7 @@ def test_packed_text_dataset_prompts_are_block_heads(tmp_path, lm):
     ("column", ConfigError, "prompt column 'body' is not in"),
     ("classifier", ConfigError, "is a classify model ('mlp'), not a language model"),
     ("missing", SourceError, "do not exist"),
+    ("hf_missing", SourceError, "no config.json there"),
 ])
 def test_bad_input_writes_nothing(tmp_path, lm, case, error, message):
     texts = prompts(3)
@@ -133,6 +134,8 @@ def test_bad_input_writes_nothing(tmp_path, lm, case, error, message):
     if case == "column":
         kwargs["prompt_column"] = "body"
     model = classifier_checkpoint(tmp_path / "clf") if case == "classifier" else lm
+    if case == "hf_missing":
+        model = f"hf:{tmp_path / 'no-model'}"
     source = jsonl_prompts(tmp_path / "p.jsonl", texts) if case != "missing" else str(tmp_path / "none.jsonl")
     out = tmp_path / "out"
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
