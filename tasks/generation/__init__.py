@@ -15,6 +15,8 @@ Pieces, each with one job (as vLLM v1 splits them):
   reusing the model's own modules and weights around the paged attention.
 - ``engine``: :class:`Engine` ties them together; ``handle``: what a caller holds.
 - ``loading``: :func:`load_runner` for our checkpoints and ``hf:`` folders.
+- ``http`` (with ``openai_api`` and ``serve_metrics``): the OpenAI-compatible server that
+  ``swarm serve-model`` runs for a language model.
 
 Why our own paged cache and not transformers' continuous batching: transformers 5.25's
 ``generate_batch`` (``ContinuousBatchingManager`` over ``PagedAttentionCache``) does run on
