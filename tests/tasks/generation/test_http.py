@@ -344,3 +344,16 @@ def test_sigterm_lets_the_running_request_finish_and_refuses_new_ones(tmp_path):
     assert refused_at < len(lines) - 2, "the refusal came while the first request was still streaming"
     assert proc.returncode == 0, stderr
     assert "stopped after answering 1 requests" in stdout and "1,000 tokens generated" in stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"replicas": 2}, "one generation engine in this process"),
+    ({"max_batch_size": 64, "max_tokens_per_step": 32}, "--max-tokens-per-step (32) must be at least --max-batch-size (64)"),
+])
+def test_serving_options_that_do_not_fit_a_language_model_are_refused(plain_model, options, message):
+    from storage.errors import ConfigError
+    from tasks.inference.server import make_service
+
+    with pytest.raises(ConfigError) as caught:
+        make_service(ServeConfig(model=plain_model, port=0, **options))
+    assert message in str(caught.value)
