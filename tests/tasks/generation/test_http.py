@@ -357,3 +357,36 @@ def test_serving_options_that_do_not_fit_a_language_model_are_refused(plain_mode
     with pytest.raises(ConfigError) as caught:
         make_service(ServeConfig(model=plain_model, port=0, **options))
     assert message in str(caught.value)
+
+
+def test_the_server_answers_while_the_model_runs(plain_model):
+    """The engine's lock is not held through a forward pass: while one runs (held here), the
+    event loop still admits requests, answers /metrics and cancels."""
+    srv = serve(plain_model)
+    engine = srv.service.engine
+    runner, forward = engine.runner, engine.runner.forward
+    entered, release = threading.Event(), threading.Event()
+
+    def held_forward(*args):
+        entered.set()
+        release.wait(60)
+        return forward(*args)
+
+    runner.forward = held_forward
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            first = threading.Thread(target=client.post, args=("/v1/completions",),
+                                     kwargs={"json": {"prompt": "abc", "max_tokens": 5}})
+            first.start()
+            assert entered.wait(30)
+            began = time.monotonic()
+            assert "swarm_generate_running_sequences 1.0" in client.get("/metrics").text
+            assert client.post("/v1/completions", json={"prompt": ""}).status_code == 400
+            assert engine.stats()["running"] == 1
+            assert time.monotonic() - began < 5, "answered without waiting for the forward pass"
+            release.set()
+            first.join(30)
+    finally:
+        release.set()
+        runner.forward = forward
+        srv.stop()
