@@ -390,3 +390,30 @@ def test_the_server_answers_while_the_model_runs(plain_model):
         release.set()
         runner.forward = forward
         srv.stop()
+
+
+def test_our_lm_checkpoint_is_served_for_generation(tmp_path):
+    """A causal-lm checkpoint of the built-in GPT (tokenizer.json and eot_id beside it) is a
+    language model to serve-model; it has no chat template."""
+    from storage import checkpoint as ckpt
+    from tasks.generation.loading import is_language_model
+    from tests.tasks.generation.conftest import tiny_gpt
+
+    model = tiny_gpt()
+    cfg = model.config
+    args = {"vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+            "n_layers": cfg.n_layers}
+    folder = tmp_path / "ckpt-000000005"
+    folder.mkdir()
+    char_tokenizer().save(str(folder / "tokenizer.json"))
+    tensors = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    ckpt.write(str(folder), tensors, {"model": {"name": "gpt", "args": args}, "task": "causal-lm", "eot_id": 96})
+    assert is_language_model(str(tmp_path))
+    ids = char_tokenizer().encode(PROMPT).ids
+    expected = direct(str(tmp_path), ids, SamplingParams(max_new_tokens=10))
+    with serve(str(tmp_path)) as srv:
+        answer = httpx.post(f"{srv.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 10, "temperature": 0},
+                            timeout=60).json()
+        chat = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert answer["choices"][0]["token_ids"] == expected.tokens and answer["choices"][0]["text"] == expected.text
+    assert chat.status_code == 400 and "has no chat template" in chat.json()["error"]["message"]
