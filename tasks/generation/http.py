@@ -133,7 +133,9 @@ class GenerationService:
                                 f"defines one has): use POST /v1/completions with a prompt", "messages")
         prompt = self.chat.render(chat_messages(body))
         given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        room = min(self.engine.max_new_tokens_limit, self.engine.runner.context - len(prompt))
+        pool = self.engine.pool
+        room = min(self.engine.max_new_tokens_limit, self.engine.runner.context - len(prompt),
+                   pool.num_blocks * pool.block_size - len(prompt))
         return body, Request(prompt, sampling(body, given if given is not None else max(room, 1)),
                              f"{next(_ids)}-{os.getpid()}")
 
