@@ -104,6 +104,10 @@ def test_completions_equal_the_engine_streamed_or_not(server, plain_model):
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected.text
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 20 + ["length"]
     assert chunks[-1]["usage"] == doc["usage"] and all(c["object"] == "text_completion" for c in chunks)
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        last = sse_events(list(r.iter_lines()))[-1]
+    assert last["choices"] == [] and last["usage"] == doc["usage"], "OpenAI's usage-only last chunk"
 
 
 def test_sampling_with_a_seed_and_stop_strings(server, plain_model):
