@@ -11,6 +11,7 @@ runs (the model's forward pass runs outside it: see ``step``).
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Iterable
 
@@ -25,6 +26,8 @@ from tasks.generation.params import QueueFull, Request, SamplingParams, validate
 from tasks.generation.runners.base import ModelRunner
 from tasks.generation.sampler import make_generator, sample
 from tasks.generation.scheduler import Scheduler, Sequence
+
+log = logging.getLogger("swarm.generation")
 
 
 class Engine:
@@ -65,6 +68,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
+        self.last_error: str | None = None   # the background loop's last failed step
         self._decode = self._make_decoder(runner.tokenizer)
 
     @staticmethod
@@ -208,7 +212,14 @@ class Engine:
                     self._wake.wait()
                 if self._stopping and (not self._seqs or not self._drain):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not leave its requests waiting forever
+                log.exception("a generation step failed; its requests end with finish_reason 'error'")
+                with self._lock:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    for seq in list(self._seqs.values()):
+                        self._retire(seq, "error")
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the loop: with ``drain``, new requests are refused and running ones finish

@@ -22,7 +22,7 @@ class TokenEvent:
     token_id: int | None        # None on the final event of a request that ended without a new token
     text: str                   # new text since the previous event ("" without a tokenizer)
     finished: bool = False
-    finish_reason: str | None = None   # "stop", "length" or "cancelled"
+    finish_reason: str | None = None   # "stop", "length", "cancelled" or "error" (the engine's step failed)
 
 
 @dataclass

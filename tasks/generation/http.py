@@ -17,8 +17,9 @@ Errors are OpenAI's ``{"error": {...}}``: 400 for bad input (empty or too long p
 fields), 429 with ``Retry-After`` when the engine's waiting queue is full (the KV pool is
 never oversubscribed: admission waits for free blocks), 503 while shutting down. A client
 that disconnects, mid-stream or while waiting for its answer, has its request cancelled at
-once: its KV blocks go back to the pool. On SIGTERM the server stops accepting, answers
-every accepted request to its end, then exits.
+once: its KV blocks go back to the pool. A failed engine step ends its requests with 500
+(streams: an ``error`` event, then ``[DONE]``) and the server keeps serving. On SIGTERM the
+server stops accepting, answers every accepted request to its end, then exits.
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ class GenerationService:
             raise ApiError(429, f"{exc}; retry after {retry} s", kind="rate_limit_error",
                            headers={"Retry-After": retry}) from None
 
+    def failure(self) -> ApiError:
+        return ApiError(500, f"generation failed: {self.engine.last_error}", kind="server_error")
+
     async def events(self, handle: RequestHandle):
         """The handle's events, each token's latency observed as it is handed on."""
         index = 0
@@ -251,6 +255,8 @@ async def _answer(service: GenerationService, handle: RequestHandle, body, chat:
         if event.token_id is not None:
             tokens.append(event.token_id)
         reason = event.finish_reason
+    if reason == "error":
+        raise service.failure()
     return envelope(chat, handle.request_id, int(time.time()), service.name,
                     [choice(chat, "".join(text), tokens, reason, delta=False)], stream=False,
                     usage_doc=usage(handle.prompt_tokens, len(tokens)))
@@ -270,6 +276,9 @@ async def _chunks(service: GenerationService, handle: RequestHandle, body, chat:
         yield sse(first)
     count = 0
     async for event in service.events(handle):
+        if event.finished and event.finish_reason == "error":
+            yield sse(service.failure().body())   # as vLLM does: an error event, then the end
+            break
         if event.finished:
             yield chunk(event.text, [], event.finish_reason, usage(handle.prompt_tokens, count))
             break

@@ -421,3 +421,27 @@ def test_our_lm_checkpoint_is_served_for_generation(tmp_path):
         chat = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert answer["choices"][0]["token_ids"] == expected.tokens and answer["choices"][0]["text"] == expected.text
     assert chat.status_code == 400 and "has no chat template" in chat.json()["error"]["message"]
+
+
+def test_a_failed_step_ends_its_requests_with_500_and_the_server_goes_on(plain_model):
+    srv = serve(plain_model)
+    runner, forward = srv.service.engine.runner, srv.service.engine.runner.forward
+    failures = [RuntimeError("the device fell over")]
+
+    def failing_forward(*args):
+        if failures:
+            raise failures.pop()
+        return forward(*args)
+
+    runner.forward = failing_forward
+    try:
+        failed = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "abc", "max_tokens": 5}, timeout=60)
+        after = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "abc", "max_tokens": 5}, timeout=60)
+        stats = srv.service.engine.stats()
+    finally:
+        runner.forward = forward
+        srv.stop()
+    assert failed.status_code == 500
+    assert "generation failed: RuntimeError: the device fell over" in failed.json()["error"]["message"]
+    assert after.status_code == 200 and len(after.json()["choices"][0]["token_ids"]) == 5
+    assert stats["kv_pool"]["blocks_used"] == 0
