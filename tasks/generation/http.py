@@ -183,7 +183,7 @@ def create_app(service: GenerationService) -> Starlette:
             service.requests_in_flight += 1
             streaming = False
             try:
-                raw = await read_body(request, service.config.max_body_bytes)
+                raw = await read_body(request, service.config.max_body_bytes, "send a shorter prompt")
                 body, gen_request = (service.chat_completion if chat else service.completion)(raw)
                 handle = service.submit(gen_request)
                 if body.stream:

@@ -123,15 +123,15 @@ def create_app(service: BatchingFront) -> Starlette:
                              Route("/metrics", metrics)], lifespan=lifespan)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, hint: str = "send fewer rows per request") -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadError(f"the body is {int(declared):,} bytes; at most {limit:,} (send fewer rows per request)", 413)
+        raise PayloadError(f"the body is {int(declared):,} bytes; at most {limit:,} ({hint})", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadError(f"the body is over {limit:,} bytes (send fewer rows per request)", 413)
+            raise PayloadError(f"the body is over {limit:,} bytes ({hint})", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 

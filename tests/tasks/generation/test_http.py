@@ -175,6 +175,12 @@ def test_bad_input_is_a_400_naming_it(server, body, message):
     assert message in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_an_oversized_body_is_a_413(server):
+    answer = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x" * (5 * 2**20)}, timeout=60)
+    assert answer.status_code == 413
+    assert "at most 4,194,304 (send a shorter prompt)" in answer.json()["error"]["message"]
+
+
 def test_not_json_unknown_model_and_models_list(server, plain_model):
     assert httpx.post(f"{server.url}/v1/completions", content=b"{nope").status_code == 400
     other = httpx.post(f"{server.url}/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
