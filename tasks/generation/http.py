@@ -49,7 +49,7 @@ from tasks.generation.params import QueueFull, Request
 from tasks.generation.serve_metrics import GenerationMetrics
 from tasks.inference.config import ServeConfig
 from tasks.inference.inputs import PayloadError
-from tasks.inference.server import JSONResponse, read_body
+from tasks.inference.http_io import JSONResponse, read_body
 
 log = logging.getLogger("swarm.serve")
 _ids = itertools.count()

@@ -44,6 +44,7 @@ from storage.errors import ConfigError
 from tasks.inference.adaptive import is_out_of_memory
 from tasks.inference.batcher import BatcherClosed, QueueFull
 from tasks.inference.config import ServeConfig
+from tasks.inference.http_io import JSONResponse, read_body
 from tasks.inference.inputs import PayloadError
 from tasks.inference.predict import softmax
 from tasks.inference.router import NoReplica
@@ -123,19 +124,6 @@ def create_app(service: BatchingFront) -> Starlette:
                              Route("/metrics", metrics)], lifespan=lifespan)
 
 
-async def read_body(request: Request, limit: int, hint: str = "send fewer rows per request") -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadError(f"the body is {int(declared):,} bytes; at most {limit:,} ({hint})", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadError(f"the body is over {limit:,} bytes ({hint})", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _parse(body: bytes) -> tuple[object, bool]:
     usage = 'send {"inputs": [[...row...], ...]} (optionally "probabilities": true)'
     try:
@@ -153,16 +141,6 @@ def _parse(body: bytes) -> tuple[object, bool]:
     if not isinstance(probabilities, bool):
         raise PayloadError(f'"probabilities" must be true or false, not {probabilities!r}')
     return doc["inputs"], probabilities
-
-
-class JSONResponse(Response):
-    """JSON by orjson (NumPy arrays included): parsing and rendering are a good part of
-    the per-request cost in the event loop, and orjson is ~10x faster than json."""
-
-    media_type = "application/json"
-
-    def render(self, content) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 def _error(code: int, message: str, headers: dict | None = None) -> JSONResponse:
