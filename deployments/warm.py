@@ -5,7 +5,8 @@ small table needs a fraction of that. ``swarm prefect-server`` (:func:`serve_for
 starts both once, in the foreground, and records them in ``<state dir>/server.json``
 (``$SWARM_HOME`` or ``./.swarm``, the folder every command already looks in for its
 Prefect server): the Prefect URL, the scheduler address, the worker count and the process
-ids. Later commands in that folder reuse the server (:func:`live_record`, from
+ids; the workers import the heavy libraries (:data:`WARM_IMPORTS`) at once. Later
+commands in that folder reuse the server (:func:`live_record`, from
 :func:`deployments.runtime.ensure_prefect_api`) and, with no ``--dask-address`` or
 ``$SWARM_DASK_ADDRESS``, the cluster (:func:`warm_dask_address`, from
 :func:`deployments.cluster.scheduler_address`).
@@ -27,12 +28,17 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from storage.errors import SwarmError
 
 RECORD_NAME = "server.json"
+
+#: Imported in the warm workers as soon as they start: the libraries every command's tasks
+#: load (torch alone takes seconds), so that the first command finds them loaded too.
+WARM_IMPORTS = ("torch", "pyarrow", "fsspec", "prefect")
 
 #: Environment variables a worker process's work depends on: commands whose values differ
 #: from the warm workers' do not use them.
@@ -183,6 +189,23 @@ def warm_dask_address(workers: int | None = None) -> str | None:
     return None
 
 
+def _preimport(address: str) -> None:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="30s") as client:
+            client.run(_import_all, WARM_IMPORTS)
+    except Exception:  # noqa: BLE001 - only a head start: a command imports what it needs anyway
+        pass
+
+
+def _import_all(names) -> None:
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
+
+
 class _Stop(Exception):
     pass
 
@@ -224,6 +247,8 @@ def serve_forever(port: int | None = None, host: str = "127.0.0.1", dask: bool =
                 cluster.close(timeout=20)
             server.stop()
             raise
+    if cluster is not None:
+        threading.Thread(target=_preimport, args=(cluster.scheduler_address,), daemon=True).start()
     dask_line = (f"Dask scheduler at {cluster.scheduler_address} ({len(cluster.workers)} worker processes; "
                  f"dashboard {cluster.dashboard_link})\n" if cluster else "")
     print(f"Prefect API at {server.url}\nPrefect UI at {ui_url()}\n{dask_line}"

@@ -78,6 +78,20 @@ def _workers(dask_scheduler) -> list[str]:
     return sorted(dask_scheduler.workers)
 
 
+def _workers_prefect_api(address: str) -> set:
+    from distributed import Client
+
+    with Client(address, timeout="20s") as client:
+        return set(client.run(lambda: os.environ.get("PREFECT_API_URL")).values())
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status == 200
+
+
 def test_commands_reuse_the_warm_cluster_and_print_a_ui_address_that_outlives_them(runtime, tmp_path):
     from deployments.runtime import healthy
 
@@ -85,6 +99,7 @@ def test_commands_reuse_the_warm_cluster_and_print_a_ui_address_that_outlives_th
     address, ui = record["dask_address"], record["url"].removesuffix("/api")
     workers = _scheduler(address, _workers)
     assert len(workers) == 2
+    assert _workers_prefect_api(address) == {record["url"]}, "the warm workers must report to its Prefect server"
     before = _scheduler(address, _transitions)
     dataset = str(tmp_path / "digits")
     for args in (("stage", "digits", dataset, "--val-fraction", "0.2"),
@@ -98,7 +113,7 @@ def test_commands_reuse_the_warm_cluster_and_print_a_ui_address_that_outlives_th
         after = _scheduler(address, _transitions)
         assert after > before, f"`swarm {args[0]}` ran nothing on the warm cluster"
         before = after
-        assert healthy(record["url"]), "the printed Prefect address died with the command"
+        assert healthy(record["url"]) and _answers(ui), "the printed Prefect UI address died with the command"
     assert _scheduler(address, _workers) == workers, "the warm workers were replaced"
     assert (tmp_path / "ckpt").exists()
 
