@@ -17,6 +17,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from deployments.warm_record import warm_dask_address
 from tasks.dask_workers import live_workers
 from storage.errors import ConfigError
 
@@ -117,10 +118,8 @@ def with_serving_cluster(config):
 
 def scheduler_address(dask_address: str | None = None, workers: int | None = None) -> str:
     """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, the warm runtime's
-    (``swarm prefect-server``, see :mod:`deployments.warm`), or this process's local cluster
+    (``swarm prefect-server``, see :mod:`deployments.warm_record`), or this process's local cluster
     (with at least ``workers`` worker processes on a CPU machine, when given)."""
-    from deployments.warm import warm_dask_address
-
     global _LOCAL
     address = dask_address or os.environ.get("SWARM_DASK_ADDRESS")
     if address:

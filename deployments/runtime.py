@@ -19,33 +19,19 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from deployments.warm_record import healthy, live_record, state_dir  # noqa: F401 - healthy, state_dir: used here and by callers
 from storage.errors import SwarmError
 
 STARTUP_TIMEOUT_S = 90.0
-
-
-def state_dir() -> Path:
-    path = Path(os.environ.get("SWARM_HOME", ".swarm")).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
-            return resp.status == 200
-    except (OSError, ValueError):
-        return False
 
 
 def use_api(url: str) -> None:
@@ -125,8 +111,6 @@ def ensure_prefect_api() -> str:
     url = os.environ.get("PREFECT_API_URL")
     if url:
         return url
-    from deployments.warm import live_record
-
     home = state_dir()
     with _lock(home / "server.lock"):
         record = live_record()

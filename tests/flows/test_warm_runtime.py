@@ -120,7 +120,7 @@ def test_commands_reuse_the_warm_cluster_and_print_a_ui_address_that_outlives_th
 
 def test_a_shell_with_other_worker_settings_starts_its_own_cluster(runtime, monkeypatch, capsys):
     """The warm workers have the server shell's folder and environment; a command whose differ does not use them."""
-    from deployments.warm import warm_dask_address
+    from deployments.warm_record import warm_dask_address
 
     monkeypatch.chdir(ROOT)
     for name in list(os.environ):
@@ -138,7 +138,7 @@ def test_a_shell_with_other_worker_settings_starts_its_own_cluster(runtime, monk
 
 def test_sigterm_stops_the_cluster_and_the_server_and_removes_the_record(runtime):
     from deployments.runtime import healthy
-    from deployments.warm import reachable
+    from deployments.warm_record import reachable
 
     record = runtime.record
     runtime.process.send_signal(signal.SIGTERM)
@@ -151,7 +151,7 @@ def test_a_killed_runtime_is_ignored_with_a_note_and_its_orphaned_server_stopped
     """``kill -9`` of ``swarm prefect-server`` leaves its record and its Prefect server (its own process
     group); the next command says so, stops that server, runs on a temporary runtime and says the
     UI address it prints is temporary."""
-    from deployments.warm import pid_alive, reachable
+    from deployments.warm_record import pid_alive, reachable
 
     killed = Runtime(tmp_path / "home")
     try:
