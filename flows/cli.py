@@ -210,11 +210,15 @@ def _prefect_server(app: typer.Typer) -> None:
     def prefect_server(
         port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)"),
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),
+        dask: bool = typer.Option(True, "--dask/--no-dask", help="Also keep a local Dask cluster running"),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                              help="Its worker processes (default: one per core, or per GPU)"),
     ) -> None:
-        """Run the managed local Prefect server (UI included) until Ctrl-C; other commands reuse it."""
-        from deployments.runtime import serve_forever
+        """Keep a warm runtime until Ctrl-C or SIGTERM: the managed Prefect server (UI included) and a local
+        Dask cluster, which later commands run in this folder reuse instead of starting their own."""
+        from deployments.warm import serve_forever
 
-        serve_forever(port=port, host=host)
+        serve_forever(port=port, host=host, dask=dask, workers=workers)
 
     app.command("prefect-server")(prefect_server)
     app.command("server", hidden=True, help=f"Old name of `swarm prefect-server`. {prefect_server.__doc__}")(prefect_server)
