@@ -125,7 +125,9 @@ def model_hash(model: str, storage_options: dict) -> str:
     """The model's identity: its tensors' hash, or for an ``hf:`` folder the hash of its
     config and the names and sizes of its weight files."""
     if model.startswith("hf:"):
-        folder = model[3:]
+        from tasks.models.hf import local_folder
+
+        folder = local_folder(model[3:], storage_options)  # a remote folder's local copy
         files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
         body = [(f, os.path.getsize(os.path.join(folder, f))) for f in files]
         with open(os.path.join(folder, "config.json"), "rb") as f:

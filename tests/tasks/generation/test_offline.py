@@ -120,7 +120,7 @@ def test_packed_text_dataset_prompts_are_block_heads(tmp_path, lm):
     ("column", ConfigError, "prompt column 'body' is not in"),
     ("classifier", ConfigError, "is a classify model ('mlp'), not a language model"),
     ("missing", SourceError, "do not exist"),
-    ("hf_missing", SourceError, "no config.json there"),
+    ("hf_missing", ConfigError, "does not exist or is not a folder"),
 ])
 def test_bad_input_writes_nothing(tmp_path, lm, case, error, message):
     texts = prompts(3)
@@ -153,3 +153,29 @@ def test_bad_input_writes_nothing(tmp_path, lm, case, error, message):
 def test_bad_parameters(kwargs, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         GenerateConfig(model="m", prompts="p", output="o", **kwargs)
+
+
+def test_hf_llama_folder_equals_the_engine(tmp_path, lm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import torch
+
+    tokenizer = load_runner(lm).tokenizer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None)).eval()
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    texts = prompts(5)
+    cfg = GenerateConfig(model=f"hf:{folder}", prompts=jsonl_prompts(tmp_path / "p.jsonl", texts),
+                         output=str(tmp_path / "out"), max_new_tokens=8)
+    _, result = _run(cfg)
+    assert result.rows == 5
+    runner = load_runner(f"hf:{folder}")
+    direct = Engine(runner, pool_tokens=512, block_size=8).generate(
+        [Request(tokenizer.encode(t).ids, SamplingParams(max_new_tokens=8)) for t in texts])
+    by_id = {r["id"]: r["completion_ids"] for r in _rows(cfg.output)}
+    assert [by_id[f"p{i}"] for i in range(5)] == [r.tokens for r in direct]
