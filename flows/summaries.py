@@ -63,6 +63,9 @@ def print_train_summary(result) -> None:
         quality = [("validation perplexity", ppl), ("train perplexity", result.train_perplexity)]
         speed = (f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * (result.mfu or 0):.2f}% "
                  f"(data stall {100 * result.data_stall_share:.1f}%)")
+    elif result.task == "regression":
+        quality = [("validation RMSE / MAE", f"{result.val_rmse} / {result.val_mae}"), ("validation R²", result.val_r2)]
+        speed = f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"
     else:
         quality, speed = [("validation accuracy", acc)], \
             f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"

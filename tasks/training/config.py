@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.storage_access import StorageAccess
 
@@ -17,11 +17,18 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    task: Literal["auto", "classify", "causal-lm"] = Field(
-        "auto", description="classify | causal-lm | auto (causal-lm for text datasets and token datasets without labels)")
+    task: Literal["auto", "classification", "regression", "classify", "causal-lm"] = Field(
+        "auto", description="classification | regression | causal-lm | auto (causal-lm for text datasets and token "
+                            "datasets without labels, regression for a float label, else classification)")
     model: str = Field("auto", description="mlp | cnn | transformer | gpt | hf:FOLDER_URL | MODULE:FACTORY | auto (by dataset kind)")
     model_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory")
-    feature_column: str | None = Field(None, description="Input column (default: from the dataset's metadata)")
+    feature_column: str | None = Field(None, description="One input column as it is, e.g. a fixed-size list (default: "
+                                                           "from the dataset's metadata)")
+    feature_columns: list[str] = Field(
+        default_factory=list, description="Table columns assembled into the input: names or globs, comma-separated "
+                                          "or repeated (default: every numeric or categorical column but the label)")
+    normalize: Literal["standard", "none"] = Field(
+        "standard", description="Table features: standardise numeric columns with the train split's mean and std")
     label_column: str | None = Field(None, description="Label column (default: from the metadata, else 'label')")
     epochs: int = Field(15, ge=1, le=100_000, description="Passes over the training split")
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Per-rank batch size")
@@ -62,6 +69,14 @@ class TrainOptions(BaseModel):
     device_batches: Literal["auto", "host", "device"] = Field(
         "auto", description="Where batches are gathered: device (each shuffle window copied to the GPU once, batches "
                             "gathered there) | host | auto (device on CUDA when two windows fit in device memory)")
+
+    @field_validator("feature_columns", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _lora_pair(self) -> "TrainOptions":
