@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.fields import NameList
 from tasks.storage_access import StorageAccess
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
@@ -24,7 +25,7 @@ class TrainOptions(BaseModel):
     model_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory")
     feature_column: str | None = Field(None, description="One input column as it is, e.g. a fixed-size list (default: "
                                                            "from the dataset's metadata)")
-    feature_columns: list[str] = Field(
+    feature_columns: NameList = Field(
         default_factory=list, description="Table columns assembled into the input: names or globs, comma-separated "
                                           "or repeated (default: every numeric or categorical column but the label)")
     normalize: Literal["standard", "none"] = Field(
@@ -69,14 +70,6 @@ class TrainOptions(BaseModel):
     device_batches: Literal["auto", "host", "device"] = Field(
         "auto", description="Where batches are gathered: device (each shuffle window copied to the GPU once, batches "
                             "gathered there) | host | auto (device on CUDA when two windows fit in device memory)")
-
-    @field_validator("feature_columns", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any) -> Any:
-        items = [value] if isinstance(value, str) else value
-        if isinstance(items, (list, tuple)):
-            return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
-        return value
 
     @model_validator(mode="after")
     def _lora_pair(self) -> "TrainOptions":
