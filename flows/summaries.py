@@ -96,8 +96,9 @@ def print_train_summary(result) -> None:
 def _size_change(optimized) -> str:
     before, after = optimized.before, optimized.after
     steps = " -> ".join(s["step"] for s in optimized.steps)
-    return (f"{steps}: {human_bytes(before['size_bytes'])} -> {human_bytes(after['size_bytes'])}, accuracy "
-            f"{100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%, batch-64 throughput "
+    quality = (f"RMSE {before['rmse']:.4g} -> {after['rmse']:.4g}" if before.get("rmse") is not None else
+               f"accuracy {100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%")
+    return (f"{steps}: {human_bytes(before['size_bytes'])} -> {human_bytes(after['size_bytes'])}, {quality}, batch-64 throughput "
             f"{before['throughput']:,.0f} -> {after['throughput']:,.0f} rows/s")
 
 
@@ -148,6 +149,8 @@ def print_optimize_summary(result) -> None:
             ("perplexity gate", f"rose {100 * result.perplexity_increase:.2f}%, allowed "
                                 f"{100 * result.max_perplexity_increase:g}%: passed")
             if result.perplexity_increase is not None else
+            ("RMSE gate", f"rose {100 * result.rmse_increase:.2f}%, allowed {100 * result.max_rmse_increase:g}%: passed")
+            if result.rmse_increase is not None else
             ("accuracy gate", f"dropped {result.accuracy_drop:.2f} points, allowed {result.max_accuracy_drop:g}: passed"),
             ("evaluated on", f"{result.eval_rows:,} rows of {result.eval_dataset} ({result.eval_split or 'all splits'}), "
                              f"timings with {result.threads} thread(s)"),
