@@ -12,6 +12,7 @@ from storage import formats, manifest as manifest_mod
 from storage.errors import IntegrityError, ManifestError
 from storage.hashing import digest_bytes
 from storage.manifest import Manifest, ShardEntry
+from storage.reach import reaching
 from storage.urls import is_local, protocol_of, url_to_fs
 
 
@@ -28,7 +29,8 @@ class Dataset:
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Dataset":
         fs, root = url_to_fs(url, storage_options)
         root = root.rstrip("/")
-        return cls(url=url, fs=fs, root=root, manifest=manifest_mod.read(fs, root))
+        with reaching(url):
+            return cls(url=url, fs=fs, root=root, manifest=manifest_mod.read(fs, root))
 
     @property
     def schema(self) -> pa.Schema:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from storage.errors import ConfigError, DestinationError, SwarmError
+from storage.reach import reaching
 from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
 
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
@@ -60,6 +61,11 @@ def check_destination(dest: str, storage_options: dict[str, Any], role: str = "d
     exists. ``role`` is what errors call it (the CLI argument's name)."""
     fs, root = url_to_fs(dest, storage_options)
     root = root.rstrip("/")
+    with reaching(dest):  # an endpoint that does not answer: one line naming the URL
+        return _check_destination(fs, root, dest, role)
+
+
+def _check_destination(fs, root: str, dest: str, role: str):
     try:
         if fs.isfile(root):
             raise DestinationError(f"{role} {dest!r} is an existing file; give a folder (or a new path) for the dataset")
