@@ -39,6 +39,19 @@ def describe(exc: BaseException, url: str) -> str | None:
     return None
 
 
+def missing_bucket(fs, root: str, url: str, role: str = "") -> str | None:
+    """The message for a URL whose bucket (the first part of an object store path) does not
+    exist, or None (local and in-memory paths have no buckets)."""
+    from storage.urls import protocol_of
+
+    if protocol_of(fs) in ("file", "local", "memory"):
+        return None
+    bucket = root.strip("/").split("/", 1)[0]
+    if fs.exists(bucket):
+        return None
+    return f"{role + ' ' if role else ''}bucket {bucket!r} does not exist ({url!r}); create it first or fix the URL"
+
+
 @contextmanager
 def reaching(url: str) -> Iterator[None]:
     """Run storage calls for ``url``: an unreachable endpoint or a missing bucket becomes
