@@ -45,3 +45,13 @@ def write(table: pa.Table, path: Path, fmt: str) -> str:
     else:
         pq.write_table(table, out)
     return str(out)
+
+
+def breast_cancer_table() -> pa.Table:
+    """scikit-learn's breast cancer: 30 numeric features and 2 classes (integer labels 0/1)."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    columns = {name.replace(" ", "_"): pa.array(data.data[:, i]) for i, name in enumerate(data.feature_names)}
+    columns["label"] = pa.array(data.target.astype(np.int64))
+    return pa.table(columns)

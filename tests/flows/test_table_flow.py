@@ -10,7 +10,7 @@ from storage.dataset import Dataset
 from tasks.inference.config import ServeConfig
 from tasks.inference.server import BackgroundServer
 from tasks.splits import split_mask
-from tests.byod_tables import wine_table, write
+from tests.byod_tables import breast_cancer_table, wine_table, write
 from tests.conftest import run_cli, stage_plain
 
 
@@ -73,3 +73,16 @@ def test_unreachable_endpoint_and_missing_bucket(dask_cluster, s3, bucket, tmp_p
     _one_line_error(proc, f"bucket 'no-such-{bucket}' does not exist")
     proc = run_cli("train", f"s3://{bucket}/wine", "--storage-option", "endpoint_url=http://127.0.0.1:9")
     _one_line_error(proc, f"cannot reach the storage of 's3://{bucket}/wine'", "endpoint_url")
+
+
+def test_lifecycle_on_a_two_class_table_trains_a_two_class_head(dask_cluster, tmp_path):
+    """Bug: `swarm lifecycle` on a 2-class table silently trained the MLP's default 10-class head."""
+    from flows.lifecycle import DataParams, lifecycle
+    from tasks.training import TrainOptions
+
+    source = write(breast_cancer_table(), tmp_path / "cancer", "parquet")
+    result = lifecycle(data=DataParams(source=source), training=TrainOptions(epochs=5, batch_size=32),
+                       output=str(tmp_path / "out"))
+    assert result.trained.model_args == {"in_features": 30, "num_classes": 2}
+    assert result.trained.val_acc >= 0.9
+    assert result.predicted.rows == 569
