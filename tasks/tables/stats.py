@@ -60,24 +60,27 @@ def as_floats(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
 def partial(table: pa.Table, train: np.ndarray) -> dict[str, Any]:
     """The mergeable summary of ``table``'s scalar columns; moments over rows where ``train``."""
     out: dict[str, Any] = {}
-    mask = pa.array(train)
+    mask = None if train.all() else train
     for field in table.schema:
         kind = column_kind(field.type)
         if kind is None:
             continue
         column = table.column(field.name)
         entry: dict[str, Any] = {"kind": kind, "nulls": column.null_count}
-        rows = column.filter(mask) if not train.all() else column
         if kind == "numeric":
-            x = as_floats(rows).to_numpy(zero_copy_only=False)
-            x = x[~np.isnan(x)]
-            entry.update(count=int(x.size), sum=float(x.sum()), sumsq=float(np.square(x).sum()),
+            x = as_floats(column).to_numpy(zero_copy_only=False)  # nulls are NaN here
+            x = x if mask is None else x[mask]  # numpy's boolean take: far cheaper than Arrow's filter
+            if np.isnan(x).any():
+                x = x[~np.isnan(x)]
+            entry.update(count=int(x.size), sum=float(x.sum()), sumsq=float(np.dot(x, x)),
                          min=float(x.min()) if x.size else None, max=float(x.max()) if x.size else None)
             if pa.types.is_integer(field.type) or pa.types.is_boolean(field.type):
                 entry["integer"] = True
-                entry["distinct"] = _distinct(pc.unique(rows.cast(pa.int64())).drop_null().to_pylist())
+                entry["distinct"] = _distinct([int(v) for v in pc.unique(pa.array(x)).to_pylist()])
         else:
-            entry["distinct"] = _distinct(pc.unique(as_strings(rows)).drop_null().to_pylist())
+            strings = as_strings(column)
+            strings = strings if mask is None else strings.filter(pa.array(mask))
+            entry["distinct"] = _distinct(pc.unique(strings).drop_null().to_pylist())
         out[field.name] = entry
     return out
 
