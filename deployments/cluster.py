@@ -17,6 +17,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from deployments.warm_record import warm_dask_address
 from tasks.dask_workers import live_workers
 from storage.errors import ConfigError
 
@@ -81,7 +82,9 @@ def keep_nannies() -> None:
     dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT})
 
 
-def _start_local_cluster(workers: int | None = None):
+def start_local_cluster(workers: int | None = None):
+    """A new local cluster: one single-threaded worker process per core (at least ``workers``),
+    or one per GPU; the caller closes it."""
     from deployments.console import quiet_workers
 
     keep_nannies()
@@ -114,15 +117,19 @@ def with_serving_cluster(config):
 
 
 def scheduler_address(dask_address: str | None = None, workers: int | None = None) -> str:
-    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, or this process's local
-    cluster (with at least ``workers`` worker processes on a CPU machine, when given)."""
+    """The scheduler to use: the one given, ``$SWARM_DASK_ADDRESS``, the warm runtime's
+    (``swarm prefect-server``, see :mod:`deployments.warm_record`), or this process's local cluster
+    (with at least ``workers`` worker processes on a CPU machine, when given)."""
     global _LOCAL
     address = dask_address or os.environ.get("SWARM_DASK_ADDRESS")
     if address:
         return address if "://" in address else f"tcp://{address}"
     with _LOCK:
         if _LOCAL is None:
-            _LOCAL = _start_local_cluster(workers)
+            address = warm_dask_address(workers)
+            if address:
+                return address
+            _LOCAL = start_local_cluster(workers)
             atexit.register(close_local_cluster)
         elif workers and not gpu_count() and len(_LOCAL.workers) < workers:
             _LOCAL.scale(workers)

@@ -4,47 +4,34 @@ Dask worker processes report task state to the Prefect API. Without a configured
 every process would start its own temporary server (slow and flaky), so we start one
 server (SQLite in the project state folder, ``$SWARM_HOME`` or ``./.swarm``) on a free
 port, wait until it answers, and export its URL before any worker starts. A server
-started by ``swarm server`` is recorded in ``server.json`` and reused by later commands.
+started by ``swarm prefect-server`` is recorded in ``server.json`` and reused by later
+commands, with the Dask cluster it keeps (:mod:`deployments.warm`); a server started here
+is temporary (it stops when the process exits, which :func:`ui_url` says).
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from deployments.warm_record import healthy, live_record, state_dir  # noqa: F401 - healthy, state_dir: used here and by callers
 from storage.errors import SwarmError
 
 STARTUP_TIMEOUT_S = 90.0
-
-
-def state_dir() -> Path:
-    path = Path(os.environ.get("SWARM_HOME", ".swarm")).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
-            return resp.status == 200
-    except (OSError, ValueError):
-        return False
 
 
 def use_api(url: str) -> None:
@@ -126,15 +113,10 @@ def ensure_prefect_api() -> str:
         return url
     home = state_dir()
     with _lock(home / "server.lock"):
-        record = home / "server.json"
-        if record.exists():
-            try:
-                url = json.loads(record.read_text())["url"]
-            except (ValueError, KeyError):
-                url = None
-            if url and healthy(url):
-                use_api(url)
-                return url
+        record = live_record()
+        if record is not None:
+            use_api(record["url"])
+            return record["url"]
         server = PrefectServer(home / "prefect").start()
     _OWNED.append(server)
     atexit.register(server.stop)
@@ -152,31 +134,14 @@ def stop_owned_servers() -> None:
             del os.environ["PREFECT_API_URL"]
 
 
-def serve_forever(port: int | None = None, host: str = "127.0.0.1") -> None:
-    """Run the managed server in the foreground (``swarm server``) and record it for reuse."""
-    home = state_dir()
-    record = home / "server.json"
-    with _lock(home / "server.lock"):
-        if record.exists():
-            try:
-                old = json.loads(record.read_text())["url"]
-                if healthy(old):
-                    raise SwarmError(f"a Swarm Prefect server is already running at {old}")
-            except (ValueError, KeyError):
-                pass
-        server = PrefectServer(home / "prefect", port=port, host=host).start()
-        record.write_text(json.dumps({"url": server.url, "pid": server.process.pid}))
-    print(f"Prefect API at {server.url}\nPrefect UI at {server.url[: -len('/api')]}\n"
-          f"export PREFECT_API_URL={server.url}   # for other shells; Ctrl-C stops the server", flush=True)
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        record.unlink(missing_ok=True)
-
-
 def ui_url() -> str | None:
+    """The Prefect UI's address, said to be temporary when it is a server this process started
+    (it stops when the process exits; the run history stays in the state folder's database)."""
     url = os.environ.get("PREFECT_API_URL")
-    return url[: -len("/api")] if url and url.endswith("/api") else url
+    if not url:
+        return None
+    ui = url.removesuffix("/api")
+    if any(server.url == url for server in _OWNED):
+        return (f"{ui}  (temporary: it stops when this command exits; `swarm prefect-server` keeps one "
+                "running, showing these runs)")
+    return ui

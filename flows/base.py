@@ -4,7 +4,9 @@ Called as plain Python (``stage_dataset(...)``) with no ``PREFECT_API_URL`` set,
 would fall back to a temporary in-process server that Dask worker processes cannot
 reach; :class:`SwarmFlow` starts (or reuses) the managed local server before the run.
 Its parameters, from a Python call or a deployment run (the UI's form), are refused with
-a message that names each bad field and the value given. Direct calls run without
+a message that names each bad field and the value given. A call from a script's top level
+outside an ``if __name__ == "__main__":`` guard is refused at once
+(:mod:`deployments.main_guard`). Direct calls run without
 flow-run heartbeats (see :meth:`SwarmFlow.__call__`).
 """
 
@@ -18,12 +20,14 @@ from prefect.exceptions import ParameterTypeError
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from pydantic import TypeAdapter, ValidationError
 
+from deployments.main_guard import check_main_guard
 from deployments.runtime import ensure_prefect_api
 from flows.validation import describe_validation_error
 
 
 class SwarmFlow(Flow):
     def __call__(self, *args: Any, **kwargs: Any):
+        check_main_guard(self.name)  # before anything starts: an unguarded script would hang on Dask's workers
         ensure_prefect_api()
         # A direct call (Python, the swarm CLI, a parent flow) blocks its caller, who sees the
         # run end or crash; flow-run heartbeats serve runs that workers start from deployments

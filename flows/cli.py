@@ -179,14 +179,18 @@ def _serve_model(app: typer.Typer) -> None:
     @config_command(app, "serve-model", [Section.of("config", ServeConfig)], arguments=("model",),
                     aliases=("serve",))
     def serve_model(config: dict) -> None:
-        """Serve a model over HTTP: batched requests routed to replicas on Dask workers (or threads with
-        --in-process), until Ctrl-C or SIGTERM (drains first)."""
+        """Serve a model over HTTP until Ctrl-C or SIGTERM (drains first): a classifier's batched requests
+        routed to replicas on Dask workers (or threads with --in-process); a language model's generation
+        (OpenAI-compatible /v1/completions, streaming) by one continuous-batching engine."""
         from flows.summaries import print_served, print_serving
+        from tasks.generation.loading import is_language_model
         from tasks.inference.server import serve as run_server
 
         from deployments.cluster import with_serving_cluster
 
-        config = with_serving_cluster(ServeConfig(**config))
+        config = ServeConfig(**config)
+        if not is_language_model(config.model, config.storage_options):
+            config = with_serving_cluster(config)
         served = run_server(config, on_ready=lambda url, description: print_serving(config.model, url, description))
         print_served(served, config.max_batch_size)
 
@@ -206,11 +210,15 @@ def _prefect_server(app: typer.Typer) -> None:
     def prefect_server(
         port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)"),
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind"),
+        dask: bool = typer.Option(True, "--dask/--no-dask", help="Also keep a local Dask cluster running"),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                              help="Its worker processes (default: one per core, or per GPU)"),
     ) -> None:
-        """Run the managed local Prefect server (UI included) until Ctrl-C; other commands reuse it."""
-        from deployments.runtime import serve_forever
+        """Keep a warm runtime until Ctrl-C or SIGTERM: the managed Prefect server (UI included) and a local
+        Dask cluster, which later commands run in this folder reuse instead of starting their own."""
+        from deployments.warm import serve_forever
 
-        serve_forever(port=port, host=host)
+        serve_forever(port=port, host=host, dask=dask, workers=workers)
 
     app.command("prefect-server")(prefect_server)
     app.command("server", hidden=True, help=f"Old name of `swarm prefect-server`. {prefect_server.__doc__}")(prefect_server)
