@@ -38,7 +38,9 @@ from storage.urls import url_to_fs
 from tasks import datasets
 from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
 from tasks.retries import retry_unless_user_error
+from tasks.splits import split_mask
 from tasks.step_status import StepStatus
+from tasks.tables import stats as column_stats
 from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
 from tasks.text import plan as text_plan
 from tasks.text.options import TextOptions
@@ -125,6 +127,7 @@ class GroupResult:
     seconds: float
     worker: str = ""
     text: dict[str, int] | None = None  # counts of tokenized text
+    stats: dict[str, Any] | None = None  # tables: the column summary of its rows (tasks.tables.stats)
 
 
 class StageResult(BaseModel):
@@ -280,18 +283,6 @@ def group_tasks(plan: StagePlan, n_groups: int) -> list[GroupTask]:
 # --------------------------------------------------------------------------- write
 
 
-def split_mask(rows: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """True where a global row index falls in the 'val' split (splitmix64 of seed and index)."""
-    if fraction <= 0:
-        return np.zeros(len(rows), dtype=bool)
-    with np.errstate(over="ignore"):
-        z = rows.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
-
-
 def read_rows(unit: SourceUnit, schema: pa.Schema, storage_options: dict[str, Any]) -> pa.Table:
     """The rows of one source unit (of a built-in or of files)."""
     if unit.format == BUILTIN:
@@ -313,10 +304,13 @@ def write_group(task: GroupTask) -> GroupResult:
     pending_rows = 0
     k = 0  # the group's next shard to write
     text_counts = text_plan.TextCounts() if task.text else None
+    summaries: list[dict] = []
 
     def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
         mask = split_mask(np.arange(first_row, first_row + table.num_rows), task.seed, task.val_fraction)
+        if task.text is None:
+            summaries.append(column_stats.partial(table, ~mask))
         parts = [("train", table)] if not mask.any() else [
             ("train", table.filter(pa.array(~mask))),
             ("val", table.filter(pa.array(mask))),
@@ -351,7 +345,8 @@ def write_group(task: GroupTask) -> GroupResult:
     assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
                        worker=f"{socket.gethostname()}:{os.getpid()}",
-                       text=vars(text_counts) if text_counts else None)
+                       text=vars(text_counts) if text_counts else None,
+                       stats=column_stats.merge(summaries) if task.text is None else None)
 
 
 # --------------------------------------------------------------------------- commit
@@ -373,6 +368,8 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         schema, metadata = plan.schema, plan.metadata
         if plan.text is not None:
             schema, metadata = text_plan.before_manifest(fs, root, plan.text, [r.text for r in results])
+        else:  # per-column statistics of the train split, for encoding and sizing (tasks.tables)
+            metadata = {**metadata, "column_stats": column_stats.finish(column_stats.merge([r.stats for r in results]))}
         manifest = Manifest(
             shard_format=cfg.shard_format,
             codec=cfg.codec,

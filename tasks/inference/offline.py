@@ -114,7 +114,10 @@ class InferResult(BaseModel):
 
 def _options(cfg: InferConfig) -> dict:
     """The options a prediction shard's content depends on (its name hashes them)."""
-    return {"probabilities": cfg.probabilities, "codec": cfg.codec}
+    options = {"probabilities": cfg.probabilities, "codec": cfg.codec}
+    if cfg.keep_columns or cfg.output_format != FORMAT:  # leaves the names of earlier runs' shards as they were
+        options.update(keep_columns=list(cfg.keep_columns), output_format=cfg.output_format)
+    return options
 
 
 # --------------------------------------------------------------------------- plan
@@ -124,7 +127,7 @@ def plan_inference(cfg: InferConfig) -> InferPlan:
     """Check model, data and output fit and find what is left to predict; writes nothing."""
     model_url, meta = ckpt.read_meta(cfg.model, cfg.storage_options, formats=MODEL_FORMATS)
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
-    cols = model_columns(cfg.model, meta, ds)
+    cols = model_columns(cfg.model, meta, ds, cfg.keep_columns)
     if cfg.split is not None and cfg.split not in ds.manifest.splits:
         raise ConfigError(f"split {cfg.split!r} is not in dataset {cfg.dataset!r}; it has: "
                           f"{', '.join(ds.manifest.splits) or 'none'}")
@@ -215,7 +218,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
     root = root.rstrip("/")
     entries, rows, hits, misses = [], 0, 0, 0
     predict, kernel = None, None
-    inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols.feature, device)
+    inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols, device, keep=cfg.keep_columns)
     with steady_allocator():
         for item in inputs:
             shard = item["shard"]
@@ -227,7 +230,8 @@ def predict_group(group: InferGroup) -> GroupOutput:
                                                   key=(loaded.url, loaded.meta.get("tensors_hash")))
                 predict = make_predict(forward, lambda t: t, device, controller=controller, memory_cap=cap, clock=clock)
             logits = predict(x)
-            entries.append(write_predictions(fs, root, shard, logits, cfg.probabilities, cfg.codec))
+            entries.append(write_predictions(fs, root, shard, logits, cfg.probabilities, cfg.codec, cols,
+                                             cfg.output_format))
             shard.release()
             rows += shard.entry.rows
             hits += shard.cache_hit is True
@@ -269,6 +273,7 @@ def commit_inference(plan: InferPlan, outputs: list[GroupOutput], seconds: float
     fs, root = url_to_fs(cfg.output, cfg.storage_options)
     manifest = commit_outputs(
         fs, root.rstrip("/"), plan.todo + plan.done, [e for o in outputs for e in o.entries], cfg.codec,
+        shard_format=cfg.output_format,
         metadata={"kind": PREDICTIONS_KIND, "key": ["shard", "row"], "model": plan.model_url,
                   "model_hash": plan.model_hash, "dataset": cfg.dataset, "dataset_hash": plan.dataset_hash},
         source={"model_hash": plan.model_hash, "dataset_hash": plan.dataset_hash, "options": _options(cfg)},

@@ -30,16 +30,17 @@ from storage.errors import ManifestError
 from storage.hashing import digest_bytes
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX
-from tasks.training.data import feature_array
+from tasks.training.data import Columns, feature_array
 
-FORMAT = "arrow"
+FORMAT = "arrow"  # the default; --output-format parquet writes Parquet shards
 PREDICTIONS_KIND = "predictions"  # the manifest's metadata ``kind`` of a prediction dataset
 READS_IN_FLIGHT = 2
 
 
 def prediction_name(entry: ShardEntry, model_hash: str, options: dict) -> str:
     body = json.dumps({"input": [entry.name, entry.hash], "model": model_hash, "options": options}, sort_keys=True)
-    return f"{entry.split}/{PART_PREFIX}{hashlib.sha256(body.encode()).hexdigest()[:20]}.arrow"
+    ext = options.get("output_format") or FORMAT
+    return f"{entry.split}/{PART_PREFIX}{hashlib.sha256(body.encode()).hexdigest()[:20]}.{ext}"
 
 
 def present_names(fs, root: str) -> set[str]:
@@ -61,6 +62,7 @@ class InputShard:
     x: Any
     held: Any = None  # the cache's hold on the shard's file while its rows are in use
     cache_hit: bool | None = None  # None: read straight from storage
+    kept: pa.Table | None = None  # input columns carried into the predictions
 
     def release(self) -> None:
         if self.held is not None:
@@ -68,11 +70,11 @@ class InputShard:
             self.held = None
 
 
-def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], feature: str,
-                device: Any = None, depth: int = 1):
+def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], cols: Columns,
+                device: Any = None, depth: int = 1, keep: list[str] = ()):
     """A :class:`~storage.prefetch.Prefetcher` of ``{"x": rows, "shard": InputShard}``, in
-    ``inputs`` order; ``x`` is on ``device`` when it is a CUDA device. Release each shard
-    once predicted."""
+    ``inputs`` order; ``x`` (the column, or the table columns encoded as in training) is on
+    ``device`` when it is a CUDA device. Release each shard once predicted."""
     from storage.cache import ShardCacheFileSystem
     from storage.fetcher import ShardFetcher
     from storage.loader import _with_cache
@@ -89,8 +91,9 @@ def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEnt
             table = held.table
         else:
             table = ds.read_shard(entry, verify=True)
-        return InputShard(entry, name, _tensor(feature_array(table, feature)), held,
-                          None if held is None else held.local)
+        x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
+        return InputShard(entry, name, _tensor(x), held, None if held is None else held.local,
+                          table.select(list(keep)) if keep else None)
 
     def shards() -> Iterator[dict[str, Any]]:
         fetcher = ShardFetcher(read, inputs, depth=READS_IN_FLIGHT, size=lambda item: item[0].bytes)
@@ -113,29 +116,44 @@ def _tensor(x: np.ndarray):
 
 
 def write_predictions(fs, root: str, shard: InputShard, logits: np.ndarray, probabilities: bool,
-                      codec: str) -> ShardEntry:
-    """The prediction shard of ``shard``: its key columns, class, confidence (and probabilities)."""
+                      codec: str, cols: Columns | None = None, output_format: str = FORMAT) -> ShardEntry:
+    """The prediction shard of ``shard``: its key columns, the prediction (a class id or name,
+    or a regression's value in the target's units), confidence (and probabilities), and the
+    kept input columns."""
     from tasks.inference.predict import softmax
 
-    probs = softmax(logits.astype(np.float32))
-    rows = len(probs)
+    rows = len(logits)
     columns = {
         "shard": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([shard.entry.name])),
         "row": pa.array(np.arange(rows, dtype=np.int64)),
-        "prediction": pa.array(probs.argmax(axis=1).astype(np.int64)),
-        "confidence": pa.array(probs.max(axis=1).astype(np.float32)),
     }
-    if probabilities:
-        columns["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
-    return write_table(fs, root, shard.name, shard.entry.split, pa.table(columns), codec)
+    labels = cols.labels if cols is not None else None
+    if labels is not None and labels.task == "regression":
+        columns["prediction"] = pa.array(labels.decode(logits.reshape(rows, -1)[:, 0]), pa.float64())
+    else:
+        probs = softmax(logits.astype(np.float32))
+        ids = probs.argmax(axis=1).astype(np.int64)
+        columns["prediction"] = pa.array(labels.decode(ids)) if labels is not None and labels.named else pa.array(ids)
+        columns["confidence"] = pa.array(probs.max(axis=1).astype(np.float32))
+        if probabilities:
+            columns["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
+    for name in shard.kept.column_names if shard.kept is not None else ():
+        columns[name if name not in columns else f"input_{name}"] = shard.kept.column(name)
+    return write_table(fs, root, shard.name, shard.entry.split, pa.table(columns), codec, output_format)
 
 
-def write_table(fs, root: str, name: str, split: str, table: pa.Table, codec: str) -> ShardEntry:
+def write_table(fs, root: str, name: str, split: str, table: pa.Table, codec: str,
+                output_format: str = FORMAT) -> ShardEntry:
     """Write ``table`` as shard ``name`` of an output dataset, atomically; its manifest entry."""
-    data = formats.get(FORMAT).encode(table, codec, codecs.resolve(codec)[1])
+    data = formats.get(output_format).encode(table, codec, codecs.resolve(codec)[1])
     atomic.write_bytes(fs, f"{root}/{name}", data)
     return ShardEntry(name=name, split=split, rows=table.num_rows, bytes=len(data), hash=digest_bytes(data),
                       raw_bytes=table.nbytes)
+
+
+def format_of(name: str) -> str:
+    """A prediction shard's format, from its name's extension."""
+    return "parquet" if name.endswith(".parquet") else FORMAT
 
 
 def existing_entry(fs, root: str, name: str, split: str, known: dict[str, ShardEntry]) -> ShardEntry:
@@ -144,13 +162,13 @@ def existing_entry(fs, root: str, name: str, split: str, known: dict[str, ShardE
     if name in known:
         return known[name]
     data = fs.cat_file(f"{root}/{name}")
-    table = formats.get(FORMAT).decode(data)
+    table = formats.get(format_of(name)).decode(data)
     return ShardEntry(name=name, split=split, rows=table.num_rows, bytes=len(data), hash=digest_bytes(data),
                       raw_bytes=table.nbytes)
 
 
 def schema_of(fs, root: str, entry: ShardEntry) -> pa.Schema:
-    return formats.get(FORMAT).decode(fs.cat_file(f"{root}/{entry.name}")).schema
+    return formats.get(format_of(entry.name)).decode(fs.cat_file(f"{root}/{entry.name}")).schema
 
 
 def contiguous_groups(items: list, n_groups: int, rows: Callable[[Any], int]) -> list[list]:
@@ -170,7 +188,7 @@ def contiguous_groups(items: list, n_groups: int, rows: Callable[[Any], int]) ->
 
 
 def commit_outputs(fs, root: str, pairs: list[tuple[ShardEntry, str]], written: list[ShardEntry], codec: str,
-                   metadata: dict, source: dict, created: str) -> Manifest:
+                   metadata: dict, source: dict, created: str, shard_format: str = FORMAT) -> Manifest:
     """The manifest of an output dataset with one shard per input (``pairs``: input entry,
     output shard name), written last and atomically; shards it does not name are removed.
 
@@ -186,7 +204,7 @@ def commit_outputs(fs, root: str, pairs: list[tuple[ShardEntry, str]], written: 
             raise ManifestError(f"output shard {name!r} has {entry.rows} rows for {source_entry.rows} input rows")
         entries.append(entry)
     codec_name, level = codecs.resolve(codec)
-    manifest = Manifest(shard_format=FORMAT, codec=codec_name, level=level, schema=schema_of(fs, root, entries[0]),
+    manifest = Manifest(shard_format=shard_format, codec=codec_name, level=level, schema=schema_of(fs, root, entries[0]),
                         shards=entries, metadata=metadata, source=source, created=created)
     manifest_mod.write(fs, root, manifest)
     remove_unreferenced(fs, root, keep=[manifest, previous])

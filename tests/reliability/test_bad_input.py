@@ -60,6 +60,13 @@ CLI_CASES = [
     ("infer: split", "infer {ckpt} {data} {out} --split test", ["split 'test' is not in dataset '{data}'"]),
     ("infer: no model", "infer {tmp}/none {data} {out}", ["no checkpoint at '{tmp}/none'"]),
     ("infer: kernel", "infer {ckpt} {data} {out} --kernel fast", ["kernel", "'fast'", "'auto' or 'eager'"]),
+    ("infer: unknown kept column", "infer {ckpt} {data} {out} --keep-columns id,nope", ["--keep-columns 'id', 'nope'"]),
+    ("train: unknown feature column", "train {table} --feature-columns alcohol,nope* --checkpoint-dir {out}",
+     ["feature column 'nope*' matches no column"]),
+    ("train: regression on string labels", "train {table} --task regression --checkpoint-dir {out}",
+     ["--task regression needs a numeric label; column 'label' is string"]),
+    ("train: unreachable storage", "train s3://lake/wine --storage-option endpoint_url=http://127.0.0.1:9 "
+     "--checkpoint-dir {out}", ["cannot reach the storage of 's3://lake/wine'"]),
     ("lifecycle: source", "lifecycle --source digitz --output {out}", ["unknown built-in dataset 'digitz'"]),
     ("lifecycle: epochs", "lifecycle --epochs 0 --output {out}", ["epochs", "0"]),
     ("lifecycle: world size", "lifecycle --world-size 0 --output {out}", ["world-size", "0"]),
@@ -85,7 +92,12 @@ def places(tmp_path_factory, digits_dataset, digits_checkpoint):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
+    from tests.byod_tables import wine_table, write
+    from tests.conftest import stage_plain
+
+    stage_plain(source=write(wine_table(), tmp / "wine", "csv"), dest=str(tmp / "wine-ds"))
     yield {"tmp": str(tmp), "data": digits_dataset, "ckpt": digits_checkpoint, "file": str(tmp / "file"),
+           "table": str(tmp / "wine-ds"),
            "port": str(busy.getsockname()[1])}
     busy.close()
 
