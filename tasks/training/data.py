@@ -30,6 +30,7 @@ class Columns:
     label: str | None  # None: a causal LM's token column alone
     shape: tuple[int, ...] | None
     scale: float | None
+    image: dict[str, Any] | None = None  # image files: the manifest's ``image`` record (see tasks.images)
 
 
 def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Columns:
@@ -57,6 +58,8 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Colu
     if feature not in names:
         raise ConfigError(f"dataset {ds.url!r} has no feature column {feature!r} (columns: {', '.join(names)})")
     ftype = schema.field(feature).type
+    if meta.get("kind") == "images" and feature == meta.get("feature"):
+        return Columns(feature, label, tuple(meta["shape"]), None, image=meta["image"])
     numeric = pa.types.is_integer(ftype) or pa.types.is_floating(ftype)
     if pa.types.is_fixed_size_list(ftype):
         numeric = pa.types.is_integer(ftype.value_type) or pa.types.is_floating(ftype.value_type)
@@ -80,8 +83,14 @@ def feature_array(table: pa.Table, feature: str) -> np.ndarray:
 
 
 def to_arrays(table: pa.Table, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
-    """Feature matrix (rows, ...) and labels as NumPy, zero-copy where the layout allows."""
-    x = feature_array(table, cols.feature)
+    """Feature matrix (rows, ...) and labels as NumPy, zero-copy where the layout allows
+    (images decoded and normalised as for validation)."""
+    if cols.image is not None:
+        column = table.column(cols.feature).combine_chunks()
+        x = feature_transform(cols, "val")(column if cols.image["stored"] == "encoded" else feature_array(
+            table, cols.feature).reshape(len(column), *cols.shape))
+    else:
+        x = feature_array(table, cols.feature)
     y = table.column(cols.label).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return x, y
 
@@ -125,6 +134,16 @@ def column_transform(cols: Columns):
     return transform
 
 
+def feature_transform(cols: Columns, split: str, seed: int = 0):
+    """The host transform of a split's feature column: images decoded with the split's
+    transforms (random crop and flip for ``train``), else :func:`column_transform`."""
+    if cols.image is None:
+        return column_transform(cols)
+    from storage.images import ImageTransform
+
+    return ImageTransform.from_metadata(cols.image, train=split == "train", seed=seed)
+
+
 def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, batch_size: int, shuffle: bool,
             drop_last: bool, gather: str = "host"):
     """The split through the prefetcher: batches gathered on the host (then copied), or, with
@@ -134,10 +153,11 @@ def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, 
     from storage.prefetch import Prefetcher
 
     cuda = getattr(device, "type", "cpu") == "cuda"
+    gather = "host" if cols.image is not None else gather  # images are decoded on the host
     on_device = gather == "device" or (gather == "auto" and cuda)
     ds = StreamingDataset(
         cfg.dataset, split=split, batch_size=batch_size, seed=cfg.seed, shuffle=shuffle, drop_last=drop_last,
-        columns=[c for c in (cols.feature, cols.label) if c], transforms={} if on_device else {cols.feature: column_transform(cols)},
+        columns=[c for c in (cols.feature, cols.label) if c], transforms={} if on_device else {cols.feature: feature_transform(cols, split, cfg.seed)},
         rank=rank, world_size=world_size, storage_options=cfg.storage_options,
     )
     loader = Prefetcher(ds, device=device if cuda or on_device else None, depth=2, gather=gather,

@@ -194,7 +194,8 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
     meta = {
         "model": {"name": job.model_name, "args": job.model_args},
         "columns": {"feature": job.columns.feature, "label": job.columns.label,
-                    "shape": list(job.columns.shape) if job.columns.shape else None, "scale": job.columns.scale},
+                    "shape": list(job.columns.shape) if job.columns.shape else None, "scale": job.columns.scale,
+                    **({"image": job.columns.image} if job.columns.image else {})},
         "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets, "layers": lora_layers}
         if cfg.lora_rank else None,
         "epoch": epoch,

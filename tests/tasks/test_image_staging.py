@@ -1,0 +1,140 @@
+"""Image folders: staged as encoded bytes (or decoded), trained with the built-in CNN sized
+from the manifest; bad files named by path or skipped with a count; S3 through moto."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from storage.dataset import Dataset
+from storage.errors import SourceError
+from tasks.training import TrainConfig, prepare_training
+from tasks.training.rank import RankJob, train_rank
+from tests.conftest import stage_plain
+
+COLOURS = {"cat": (210, 40, 40), "dog": (40, 40, 210)}
+
+
+def _image_bytes(rng, colour, fmt: str, shape=(24, 32)) -> bytes:
+    from PIL import Image
+
+    pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (*shape, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def write_image_folder(write, per_class: int = 16, broken: bool = True) -> dict[str, bytes]:
+    """``ROOT/cat``, ``ROOT/dog``: PNG and JPEG files by turns (and a truncated JPEG), through ``write(rel, data)``."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, colour in COLOURS.items():
+        for i in range(per_class):
+            fmt = "PNG" if i % 2 else "JPEG"
+            files[f"{name}/{i:03d}.{'png' if fmt == 'PNG' else 'jpg'}"] = _image_bytes(rng, colour, fmt)
+    if broken:
+        whole = files["cat/000.jpg"]
+        files["cat/broken.jpg"] = whole[: len(whole) // 2]
+    for rel, data in files.items():
+        write(rel, data)
+    return files
+
+
+def _local_writer(root):
+    def write(rel: str, data: bytes) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return write
+
+
+def _train(dest: str, tmp_path, storage_options=None, epochs: int = 4):
+    cfg = TrainConfig(dataset=dest, epochs=epochs, batch_size=8, checkpoint_dir=str(tmp_path / "ckpt"),
+                      storage_options=storage_options or {})
+    plan = prepare_training(cfg)
+    return plan, train_rank(RankJob(cfg, plan.model_name, plan.model_args, plan.columns))
+
+
+def test_image_folder_bad_file_named_then_skipped_and_cnn_trains(tmp_path):
+    files = write_image_folder(_local_writer(tmp_path / "src"))
+    dest = tmp_path / "ds"
+    with pytest.raises(SourceError, match=r"1 image\(s\) in .* do not decode .*'cat/broken\.jpg'.*--skip-bad"):
+        stage_plain(source=str(tmp_path / "src"), dest=str(dest), val_fraction=0.25, image_size=16)
+    assert not dest.exists()  # nothing half-written
+
+    result = stage_plain(source=str(tmp_path / "src"), dest=str(dest), val_fraction=0.25, image_size=16,
+                         skip_bad=True)
+    assert result.images == {"classes": ["cat", "dog"], "stored": "encoded", "size": 16, "skipped_bad": 1}
+    assert result.rows == len(files) - 1
+    assert result.bytes_out <= result.bytes_in  # encoded bytes kept, not re-encoded
+    ds = Dataset.open(str(dest))
+    meta = ds.manifest.metadata
+    assert meta["kind"] == "images" and meta["num_classes"] == 2 and meta["shape"] == [3, 16, 16]
+    assert meta["skipped_bad"] == {"count": 1, "paths": ["cat/broken.jpg"]}
+    table = ds.read_table()
+    assert table.schema.field("image").type == pa.binary()
+    by_path = dict(zip(table.column("path").to_pylist(), table.column("image").to_pylist()))
+    assert by_path["dog/003.png"] == files["dog/003.png"]  # the file's own bytes
+    labels = dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
+    assert labels["cat/001.png"] == 0 and labels["dog/002.jpg"] == 1
+
+    plan, trained = _train(str(dest), tmp_path)
+    assert plan.model_name == "cnn"
+    assert plan.model_args == {"num_classes": 2, "in_channels": 3, "image_size": 16}
+    assert trained.history[-1]["val_acc"] >= 0.9
+
+
+def test_decoded_at_staging_trains(tmp_path):
+    write_image_folder(_local_writer(tmp_path / "src"), broken=False)
+    result = stage_plain(source=str(tmp_path / "src"), dest=str(tmp_path / "ds"), val_fraction=0.25, decode=12)
+    assert result.images["stored"] == "decoded"
+    ds = Dataset.open(str(tmp_path / "ds"))
+    assert ds.schema.field("image").type == pa.list_(pa.uint8(), 3 * 12 * 12)
+    plan, trained = _train(str(tmp_path / "ds"), tmp_path)
+    assert plan.model_args["image_size"] == 12
+    assert trained.history[-1]["val_acc"] >= 0.9
+
+
+def test_image_folder_on_s3(s3, bucket, tmp_path):
+    fs = s3.s3fs()
+    files = write_image_folder(lambda rel, data: fs.pipe(f"{bucket}/raw/{rel}", data), per_class=8)
+    opts = s3.storage_options
+    with pytest.raises(SourceError, match=r"'cat/broken\.jpg'"):
+        stage_plain(source=f"s3://{bucket}/raw", dest=f"s3://{bucket}/ds", image_size=16, storage_options=opts)
+    assert not fs.exists(f"{bucket}/ds/index.json") and not fs.find(f"{bucket}/ds")
+    result = stage_plain(source=f"s3://{bucket}/raw", dest=f"s3://{bucket}/ds", image_size=16, skip_bad=True,
+                         val_fraction=0.25, storage_options=opts)
+    assert result.rows == len(files) - 1 and result.images["skipped_bad"] == 1
+    _, trained = _train(f"s3://{bucket}/ds", tmp_path, opts, epochs=2)
+    assert len(trained.history) == 2
+
+
+def test_path_label_table_and_glob(tmp_path):
+    write_image_folder(_local_writer(tmp_path / "src"), per_class=4, broken=False)
+    rows = [(f"{c}/{i:03d}.{'png' if i % 2 else 'jpg'}", c.upper()) for c in COLOURS for i in range(4)]
+    (tmp_path / "src" / "list.csv").write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+    result = stage_plain(source=str(tmp_path / "src" / "list.csv"), dest=str(tmp_path / "a"), image_size=8)
+    assert result.rows == 8 and result.images["classes"] == ["CAT", "DOG"]
+    result = stage_plain(source=str(tmp_path / "src" / "*" / "*.png"), dest=str(tmp_path / "b"), image_size=8)
+    assert result.rows == 4 and result.images["classes"] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("fmt,message", [("auto", "holds no input files .*images"),
+                                         ("images", "holds no image files in class folders")])
+def test_empty_image_folder_is_refused(tmp_path, fmt, message):
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "dog").mkdir()
+    with pytest.raises(SourceError, match=message):
+        stage_plain(source=str(tmp_path / "src"), dest=str(tmp_path / "out"), format=fmt)
+    assert not (tmp_path / "out").exists()
+
+
+def test_loose_images_without_class_folders_are_refused(tmp_path):
+    write_image_folder(lambda rel, data: (tmp_path / rel.replace("/", "-")).write_bytes(data), per_class=2,
+                       broken=False)
+    with pytest.raises(SourceError, match=r"4 image file\(s\) directly in .* but none in class folders"):
+        stage_plain(source=str(tmp_path), dest=str(tmp_path / "out"), format="images")
+    assert not (tmp_path / "out").exists()
