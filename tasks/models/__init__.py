@@ -6,7 +6,7 @@ read from a checkpoint is data, not a choice the user made: loading one imports 
 a factory outside the built-ins only from a module listed in ``$SWARM_TRUSTED_MODEL_MODULES``
 (a checkpoint naming ``os:system`` would otherwise run code, as a pickle would).
 Built-in arguments the dataset determines (input size, classes, vocabulary) are filled
-in from the manifest's metadata; explicit arguments win.
+in from the manifest by :mod:`tasks.models.sizing`; explicit arguments win.
 """
 
 from __future__ import annotations
@@ -107,33 +107,6 @@ def default_model(metadata: dict[str, Any], task: str = "classify") -> str:
     if metadata.get("kind") == "images":  # image files (tasks.images): sized from the manifest's shape
         return "cnn"
     return "transformer" if metadata.get("kind") == "tokens" else "mlp"
-
-
-def infer_args(name: str, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Arguments a built-in takes from the dataset (shape, classes, vocabulary)."""
-    if name not in ("mlp", "cnn", "transformer", "gpt"):
-        return {}
-    args: dict[str, Any] = {}
-    if "num_classes" in metadata:
-        args["num_classes"] = int(metadata["num_classes"])
-    shape = metadata.get("shape")
-    if name == "mlp" and shape:
-        size = 1
-        for d in shape:
-            size *= int(d)
-        args["in_features"] = size
-    if name == "cnn" and shape:
-        if len(shape) == 3:
-            args["in_channels"], args["image_size"] = int(shape[0]), int(shape[1])
-        elif len(shape) == 2:
-            args["in_channels"], args["image_size"] = 1, int(shape[0])
-    if name == "gpt":
-        args.pop("num_classes", None)
-    if name in ("transformer", "gpt"):
-        for key in ("vocab_size", "seq_len"):
-            if key in metadata:
-                args[key] = int(metadata[key])
-    return args
 
 
 def config_dict(config) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from storage import checkpoint as ckpt
 from storage.dataset import Dataset
 from storage.errors import ConfigError, IntegrityError
-from tasks.models import build_model, default_model, infer_args
+from tasks.models import build_model, default_model, resolve_factory
+from tasks.models.sizing import check_model as check_sizes, data_size, model_arguments
 from tasks.models.hf import is_hf
 from tasks.training.config import TrainConfig, TrainOptions
 from tasks.training.data import Columns, feature_tensor, resolve_columns, to_arrays
@@ -60,7 +61,8 @@ def prepare_training(cfg: TrainConfig) -> TrainPlan:
         _refuse_lm_only_options(cfg)
     cols = Columns(lm.column, None, None, None) if lm else resolve_columns(ds, cfg.feature_column, cfg.label_column)
     name = default_model(meta, task) if cfg.model == "auto" else cfg.model
-    args = {**infer_args(name, meta), **cfg.model_args}
+    size = data_size(meta, (lm.seq_len,) if lm else cols.shape, task)
+    args = model_arguments(name, None if is_hf(name) else resolve_factory(name), size, cfg.model_args)
     if lm and name == "gpt" and "seq_len" not in cfg.model_args:
         args["seq_len"] = lm.seq_len
     model = build_model(name, args, storage_options=cfg.storage_options)
@@ -75,7 +77,7 @@ def prepare_training(cfg: TrainConfig) -> TrainPlan:
     if lm:
         check_model(model, name, lm, ds)
     else:
-        _check_forward(model, ds, cols, name)
+        _check_forward(model, ds, cols, name, size)
     if cfg.init_from and not is_hf(cfg.init_from):
         _, init_meta = ckpt.load(cfg.init_from, cfg.storage_options)
         spec = init_meta.get("model", {})
@@ -97,19 +99,11 @@ def prepare_training(cfg: TrainConfig) -> TrainPlan:
                      sum(p.numel() for p in model.parameters()), resume_from, task, lm)
 
 
-def _check_forward(model, ds: Dataset, cols: Columns, name: str) -> None:
-    import torch
-
-    table = ds.read_shard(ds.shards("train")[0]).slice(0, 2)
-    x, _ = to_arrays(table, cols)
-    try:
-        with torch.no_grad():
-            model(feature_tensor(x, cols))
-    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
-        raise ConfigError(
-            f"model {name!r} cannot take column {cols.feature!r} of {ds.url!r} "
-            f"(rows of {x.shape[1:]} values): {type(exc).__name__}: {exc}"
-        ) from None
+def _check_forward(model, ds: Dataset, cols: Columns, name: str, size) -> None:
+    """One batch of the train split through the model on the driver (see tasks.models.sizing)."""
+    table = ds.read_shard(ds.shards("train")[0]).slice(0, 64)
+    x, y = to_arrays(table, cols)
+    check_sizes(model, name, size, feature_tensor(x, cols), y, what=f"column {cols.feature!r} of {ds.url!r}")
 
 
 class PrefectReporter:

@@ -22,6 +22,7 @@ import pyarrow as pa
 from storage.dataset import Dataset
 from storage.errors import ConfigError
 from storage.sources import SHAPE_KEY
+from tasks.models.sizing import shape_record
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,11 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Colu
         raise ConfigError(
             f"feature column {feature!r} of {ds.url!r} is {ftype}; a number or a fixed-size list of numbers is needed"
         )
-    shape = meta.get("shape")
+    shape = meta.get("shape") if feature == meta.get("feature") else None
     if shape is None and (schema.field(feature).metadata or {}).get(SHAPE_KEY):
         shape = json.loads(schema.field(feature).metadata[SHAPE_KEY])
-    return Columns(feature, label, tuple(shape) if shape else None, meta.get("scale"))
+    shape = shape_record(shape, ftype)  # recorded in every checkpoint: what Swarm trains, Swarm serves
+    return Columns(feature, label, tuple(shape), meta.get("scale"))
 
 
 def feature_array(table: pa.Table, feature: str) -> np.ndarray:
