@@ -151,38 +151,43 @@ class ImageTransform:
     def __call__(self, column) -> np.ndarray:
         rng = np.random.default_rng([self.seed, os.getpid() if self.train else 0, self._calls])
         self._calls += 1
-        if isinstance(column, (pa.Array, pa.ChunkedArray)):
-            pixels = self._decode(column, rng)  # (B, H, W, 3)
-            return self._normalise(pixels, channels_last=True)
-        pixels = np.asarray(column)  # staged: (B, 3, S, S) uint8
-        if self.train and len(pixels):
-            flip = rng.random(len(pixels)) < 0.5
-            if flip.any():
-                pixels = pixels.copy()  # the staged column may be a read-only view
-                pixels[flip] = pixels[flip][..., ::-1]
-        return self._normalise(pixels, channels_last=False)
+        threads = self.threads if self.threads is not None else default_threads()
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) * 255.0
+        inv = 1.0 / (np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1) * 255.0)
 
-    def _decode(self, column, rng: np.random.Generator) -> np.ndarray:
+        def normalise(target: np.ndarray, chw: np.ndarray) -> None:  # uint8 CHW -> float32, in place
+            np.subtract(chw, mean, out=target, casting="unsafe")
+            target *= inv
+
+        if isinstance(column, (pa.Array, pa.ChunkedArray)):
+            return self._decode(column, rng, threads, normalise)
+        pixels = np.asarray(column)  # staged: (B, 3, S, S) uint8
+        flips = rng.random(len(pixels)) < 0.5 if self.train else np.zeros(len(pixels), dtype=bool)
+        out = np.empty(pixels.shape, dtype=np.float32)
+
+        def rows(lo: int) -> None:
+            hi = min(len(pixels), lo + 16)
+            normalise(out[lo:hi], pixels[lo:hi])
+            for i in np.flatnonzero(flips[lo:hi]) + lo:
+                out[i] = out[i][..., ::-1]
+
+        thread_map(rows, list(range(0, len(pixels), 16)), threads)
+        return out
+
+    def _decode(self, column, rng: np.random.Generator, threads: int, normalise) -> np.ndarray:
+        """Each image decoded, cropped, flipped and normalised on the pool, straight into the batch."""
         items = column.to_pylist()
         size, resize = self.size, self.resize or resize_for(self.size)
         n = len(items)
         at = rng.random((n, 2)) if self.train else np.full((n, 2), 0.5)
         flips = rng.random(n) < 0.5 if self.train else np.zeros(n, dtype=bool)
+        out = np.empty((n, 3, size, size), dtype=np.float32)
 
-        def one(i: int) -> np.ndarray:
+        def one(i: int) -> None:
             if items[i] is None:
                 raise BadImage(f"row {i} of the batch has no image")
-            return resize_crop(open_image(items[i], resize), resize, size, tuple(at[i]), bool(flips[i]))
+            hwc = resize_crop(open_image(items[i], resize), resize, size, tuple(at[i]), bool(flips[i]))
+            normalise(out[i], hwc.transpose(2, 0, 1))
 
-        threads = self.threads if self.threads is not None else default_threads()
-        out = np.empty((n, size, size, 3), dtype=np.uint8)
-        for i, pixels in enumerate(thread_map(one, list(range(n)), threads)):
-            out[i] = pixels
+        thread_map(one, list(range(n)), threads)
         return out
-
-    def _normalise(self, pixels: np.ndarray, channels_last: bool) -> np.ndarray:
-        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
-        inv = 1.0 / (np.asarray(self.std, dtype=np.float32) * 255.0)
-        shape = (1, 1, 1, 3) if channels_last else (1, 3, 1, 1)
-        out = (pixels.astype(np.float32) - mean.reshape(shape)) * inv.reshape(shape)
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2)) if channels_last else out
