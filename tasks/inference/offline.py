@@ -227,7 +227,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
     root = root.rstrip("/")
     entries, rows, hits, misses = [], 0, 0, 0
     predict, kernel = None, None
-    inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols.feature, device)
+    inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols.feature, device, image=cols.image)
     with steady_allocator():
         for item in inputs:
             shard = item["shard"]

@@ -28,7 +28,7 @@ from storage.dataset import Dataset
 from storage.hashing import digest_bytes
 from storage.manifest import ShardEntry
 from storage.shard_writer import PART_PREFIX
-from tasks.training.data import feature_array
+from tasks.training.data import feature_array, image_input
 
 FORMAT = "arrow"
 PREDICTIONS_KIND = "predictions"  # the manifest's metadata ``kind`` of a prediction dataset
@@ -67,10 +67,10 @@ class InputShard:
 
 
 def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], feature: str,
-                device: Any = None, depth: int = 1):
+                device: Any = None, depth: int = 1, image: dict | None = None):
     """A :class:`~storage.prefetch.Prefetcher` of ``{"x": rows, "shard": InputShard}``, in
-    ``inputs`` order; ``x`` is on ``device`` when it is a CUDA device. Release each shard
-    once predicted."""
+    ``inputs`` order; ``x`` is on ``device`` when it is a CUDA device (images, where the model
+    was trained on them, decoded as for validation). Release each shard once predicted."""
     from storage.cache import ShardCacheFileSystem
     from storage.fetcher import ShardFetcher
     from storage.loader import _with_cache
@@ -87,7 +87,8 @@ def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEnt
             table = held.table
         else:
             table = ds.read_shard(entry, verify=True)
-        return InputShard(entry, name, _tensor(feature_array(table, feature)), held,
+        x = feature_array(table, feature) if image is None else image_input(table, feature, image)
+        return InputShard(entry, name, _tensor(x), held,
                           None if held is None else held.local)
 
     def shards() -> Iterator[dict[str, Any]]:

@@ -84,15 +84,22 @@ def feature_array(table: pa.Table, feature: str) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).reshape(len(column), 1)
 
 
+def image_input(table: pa.Table, feature: str, image: dict[str, Any]) -> np.ndarray:
+    """An image column as model input, float32 (rows, 3, size, size): the files decoded, or the
+    pixels staged, then normalised as for validation (the manifest's or checkpoint's ``image``)."""
+    from storage.images import ImageTransform
+
+    transform = ImageTransform.from_metadata(image, train=False)
+    if image["stored"] == "encoded":
+        return transform(table.column(feature).combine_chunks())
+    size = int(image["size"])
+    return transform(feature_array(table, feature).reshape(table.num_rows, 3, size, size))
+
+
 def to_arrays(table: pa.Table, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
     """Feature matrix (rows, ...) and labels as NumPy, zero-copy where the layout allows
     (images decoded and normalised as for validation)."""
-    if cols.image is not None:
-        column = table.column(cols.feature).combine_chunks()
-        x = feature_transform(cols, "val")(column if cols.image["stored"] == "encoded" else feature_array(
-            table, cols.feature).reshape(len(column), *cols.shape))
-    else:
-        x = feature_array(table, cols.feature)
+    x = feature_array(table, cols.feature) if cols.image is None else image_input(table, cols.feature, cols.image)
     y = table.column(cols.label).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return x, y
 

@@ -10,7 +10,7 @@ from storage.dataset import Dataset
 from storage.errors import SourceError
 from tasks.training import TrainConfig, prepare_training
 from tasks.training.rank import RankJob, train_rank
-from tests.conftest import stage_plain
+from tests.conftest import infer_plain, stage_plain
 from tests.images import COLOURS, local_writer as _local_writer, write_image_folder
 
 def _train(dest: str, tmp_path, storage_options=None, epochs: int = 4):
@@ -47,6 +47,18 @@ def test_image_folder_bad_file_named_then_skipped_and_cnn_trains(tmp_path):
     assert plan.model_name == "cnn"
     assert plan.model_args == {"num_classes": 2, "in_channels": 3, "image_size": 16}
     assert trained.history[-1]["val_acc"] >= 0.9
+    assert _predicted_accuracy(trained.checkpoint, str(dest), tmp_path) >= 0.9  # swarm infer decodes as well
+
+
+def _predicted_accuracy(checkpoint: str, dest: str, tmp_path) -> float:
+    """``swarm infer``'s predictions of every row, against the labels (joined on shard and row)."""
+    infer_plain(model=checkpoint, dataset=dest, output=str(tmp_path / "pred"))
+    pred = Dataset.open(str(tmp_path / "pred")).read_table()
+    ds = Dataset.open(dest)
+    labels = {e.name: ds.read_shard(e).column("label").to_pylist() for e in ds.shards()}
+    truth = [labels[s][r] for s, r in zip(pred.column("shard").to_pylist(), pred.column("row").to_pylist())]
+    assert len(truth) == ds.manifest.rows
+    return sum(p == t for p, t in zip(pred.column("prediction").to_pylist(), truth)) / len(truth)
 
 
 def test_decoded_at_staging_trains(tmp_path):
@@ -58,6 +70,7 @@ def test_decoded_at_staging_trains(tmp_path):
     plan, trained = _train(str(tmp_path / "ds"), tmp_path)
     assert plan.model_args["image_size"] == 12
     assert trained.history[-1]["val_acc"] >= 0.9
+    assert _predicted_accuracy(trained.checkpoint, str(tmp_path / "ds"), tmp_path) >= 0.9
 
 
 def test_image_folder_on_s3(s3, bucket, tmp_path):
