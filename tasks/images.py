@@ -65,7 +65,7 @@ def inspect(config: Any, unit_bytes: int):
                 "classes": listing.classes, "num_classes": len(listing.classes), "shape": [3, size, size],
                 "image": image}
     units = image_sources.units(listing, unit_bytes, decode)
-    fp = listing.fingerprint({"decode": decode, "image_size": size})
+    fp = listing.fingerprint({"decode": decode, "image_size": size, "skip_bad": getattr(config, "skip_bad", False)})
     return image_sources.schema(decode), units, len(listing.paths), sum(listing.sizes), metadata, fp
 
 

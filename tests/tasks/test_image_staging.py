@@ -29,6 +29,12 @@ def test_image_folder_bad_file_named_then_skipped_and_cnn_trains(tmp_path):
 
     result = stage_plain(source=str(tmp_path / "src"), dest=str(dest), val_fraction=0.25, image_size=16,
                          skip_bad=True)
+    again = stage_plain(source=str(tmp_path / "src"), dest=str(dest), val_fraction=0.25, image_size=16,
+                        skip_bad=True)
+    assert again.up_to_date and again.manifest_hash == result.manifest_hash
+    with pytest.raises(SourceError, match="cat/broken"):  # not "already staged": skipping was asked for before
+        stage_plain(source=str(tmp_path / "src"), dest=str(dest), val_fraction=0.25, image_size=16)
+    assert Dataset.open(str(dest)).manifest.content_hash() == result.manifest_hash  # the dataset is kept
     assert result.images == {"classes": ["cat", "dog"], "stored": "encoded", "size": 16, "skipped_bad": 1}
     assert result.rows == len(files) - 1
     assert result.bytes_out <= result.bytes_in  # encoded bytes kept, not re-encoded
