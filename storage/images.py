@@ -12,15 +12,22 @@ are normalised with ``mean``/``std`` (ImageNet's by default) into float32 CHW. A
 decoded once at staging (``--decode SIZE``) holds uint8 CHW pixels already cropped: its
 training transform only flips, then normalises.
 
-**Decoder: Pillow** (13, with libjpeg-turbo 3; WebP and PNG by libwebp and zlib). Measured
-here on 256x256 JPEGs (one thread, shared 2-core machine): 1.24 ms a full decode plus
-resize to 224; with Pillow's JPEG *draft* mode (libjpeg's DCT-domain downscaling, used
-whenever the target is at most half the stored size) 0.30 ms instead of 0.74 ms to 32.
-pillow-simd would be faster at resizing but replaces Pillow in the environment (we may
-not), and ``torchvision.io.decode_jpeg`` needs a torchvision built against our exact torch
-2.13 CPU wheel (not installed; its JPEG path is the same libjpeg-turbo). Pillow releases
-the GIL while decoding and resizing, so a batch is decoded on a thread pool of
-``threads`` (default: the CPUs available, one inside a ``DataLoader`` worker process).
+**Decoder: Pillow** (13, with libjpeg-turbo 3; WebP and PNG by libwebp and zlib), for all
+three formats. ``benchmarks/jpeg_decoders.py`` (one thread, best of interleaved rounds of 100
+synthetic photo-like JPEGs, shared 2-core machine, three runs) against simplejpeg 1.9
+(libjpeg-turbo straight into NumPy): 256x256 in 0.57-1.11 ms with Pillow, 0.26-0.49 ms with
+simplejpeg; 512x512 decoded at half scale (Pillow's ``draft`` mode, simplejpeg's
+``min_width``: DCT-domain downscaling) 1.05-2.20 / 0.89-1.62 ms. simplejpeg decodes JPEG
+about 1.2-2x faster, but is JPEG-only (resize and crop would stay Pillow's) and is not in
+the environment this was built in (which may not be changed): a JPEG fast path through it
+is left for later. Both refuse
+truncated files, which staging relies on. pillow-simd (faster resizing) would replace
+Pillow in the environment, and ``torchvision.io.decode_jpeg`` needs a torchvision built
+against our exact torch 2.13 CPU wheel (not installed; its JPEG path is libjpeg-turbo too).
+
+Pillow releases the GIL while decoding and resizing, so a batch is decoded on a thread pool
+of ``threads`` (default: the CPUs available, one inside a ``DataLoader`` worker process);
+each image is cropped, flipped and normalised there too, straight into the batch.
 """
 
 from __future__ import annotations
