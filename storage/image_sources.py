@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from storage.errors import SourceError
-from storage.images import IMAGE_EXTENSIONS, BadImage, check_image, decode_to, default_threads, thread_map
+from storage.images import IMAGE_EXTENSIONS, BadImage, check_image, cpu_count, decode_to, thread_map
 from storage.sources import EXTENSIONS, SHAPE_KEY, SourceUnit
 from storage.urls import is_local, url_to_fs
 
@@ -236,7 +236,7 @@ def read_unit(unit: ImageUnit, storage_options: dict | None = None) -> pa.Table:
         except BadImage:
             return None
 
-    results = thread_map(one, datas, min(4, default_threads()))
+    results = thread_map(one, datas, min(4, cpu_count()))
     if unit.decode:
         width = 3 * unit.decode * unit.decode
         valid = np.array([r is not None for r in results])

@@ -115,8 +115,11 @@ def default_threads() -> int:
     """Decode threads: one in a ``DataLoader`` worker process (the workers are the parallelism), else the CPUs."""
     from torch.utils.data import get_worker_info
 
-    if get_worker_info() is not None:
-        return 1
+    return 1 if get_worker_info() is not None else cpu_count()
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
