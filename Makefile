@@ -27,6 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The reliability and security suite (kills, storage faults, corruption, bad input, security;
+# then the issues' long acceptance runs in tests/acceptance, e.g. the text lifecycle in < 5 min;
 # about 15 min on 2 cores). RELIABILITY.md is rewritten from the results it measures, pass or fail.
 RELIABILITY_RESULTS ?= build/reliability/results.json
 
@@ -35,6 +36,7 @@ reliability: $(STAMP)
 	SWARM_RELIABILITY_RESULTS=$(RELIABILITY_RESULTS) $(BIN)/python -m pytest -q -m reliability tests/reliability $(PYTEST_ARGS); \
 	status=$$?; \
 	$(BIN)/python -m tests.reliability.report $(RELIABILITY_RESULTS) RELIABILITY.md || status=1; \
+	$(BIN)/python -m pytest -q -s -m acceptance tests/acceptance $(PYTEST_ARGS) || status=1; \
 	exit $$status
 
 # The peer of the staging benchmark, without its dependencies (see the `bench` extra).

@@ -17,6 +17,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from tasks.dask_workers import live_workers
 from storage.errors import ConfigError
 
 _LOCK = threading.Lock()
@@ -171,7 +172,7 @@ def map_groups(runner, task, groups: list, progress) -> list:
 
 def worker_count(runner, resource: str | None = None) -> int:
     """Workers of the runner's cluster (those advertising ``resource`` when given), at least 1."""
-    workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = live_workers(runner.client).values()
     return max(1, sum(1 for w in workers if resource is None or w.get("resources", {}).get(resource)))
 
 

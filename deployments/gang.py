@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import dask
 
+from tasks.dask_workers import live_workers
 from storage.errors import ConfigError, SwarmError
 from tasks import attempts
 from tasks.attempts import Superseded, check, membership  # noqa: F401 - the worker side, for callers of gangs
@@ -51,7 +52,7 @@ def take_over(client, key: str, token: str, wait_s: float, poll_s: float = 0.25)
 def _stale(client, key: str, token: str) -> list[str]:
     """Workers still running older members of ``key``; one that did not answer counts unless it left."""
     counts = client.run(attempts.supersede, key, token, on_error="return")
-    alive = set(client.scheduler_info(n_workers=-1)["workers"])
+    alive = set(live_workers(client))
     return sorted(w for w, n in counts.items() if (n > 0 if isinstance(n, int) else w in alive))
 
 
@@ -68,7 +69,7 @@ def _free_port() -> int:
 
 
 def _worker_resources(client) -> dict[str, dict]:
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = live_workers(client)
     return {addr: w.get("resources", {}) for addr, w in info.items()}
 
 
@@ -165,7 +166,7 @@ def _problem(client, wrapped, workers) -> str | None:
             if not state.is_completed():
                 _raise_user_error(state)
                 return f"member {rank} on {workers[rank]} ended {state.type.value}: {state.message}"
-    alive = set(client.scheduler_info(n_workers=-1)["workers"])
+    alive = set(live_workers(client))
     for rank, fut in enumerate(wrapped):
         if not fut.done() and workers[rank] not in alive:
             return f"worker {workers[rank]} of member {rank} left the cluster"

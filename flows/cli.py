@@ -152,10 +152,11 @@ def _lifecycle(app: typer.Typer) -> None:
     @config_command(app, "lifecycle", [
         Section.of("data", DataParams, include=("source",)),
         Section.of("training", TrainOptions, include=("epochs", "model", "world_size")),
-        Section.of("run", lifecycle_flow, include=("output", "storage_options", "dask_address")),
+        Section.of("run", lifecycle_flow, include=("preset", "output", "storage_options", "dask_address")),
     ])
     def lifecycle(data: dict, training: dict, run: dict) -> None:
-        """The whole lifecycle (stage, train, optimize, infer); with no arguments, on the built-in digits."""
+        """The whole lifecycle (stage, train, optimize, infer); with no arguments, on the built-in digits;
+        --preset text: a GPT on the interpreter's help text."""
         run_flow("flows.lifecycle:lifecycle", "print_lifecycle_summary",
                  data=DataParams(**data), training=TrainOptions(**training), **run)
 

@@ -1,5 +1,9 @@
 """The whole lifecycle as one flow: stage -> train -> optimize -> infer, each a subflow.
 
+For a language model (a text source, ``--preset text``), the last stage is not classifier
+inference: the optimized model's validation perplexity is compared with a unigram model's
+on the same tokens (both in the result and the summary).
+
 Each stage runs inside a cached task whose key is a content hash of its inputs (source
 listing, manifest, checkpoint tensors) and options, never of Python objects, and whose
 outputs go to a folder named by that key. So a second identical call finds every stage
@@ -19,6 +23,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from flows.base import swarm_flow
+from flows.presets import Preset, apply_preset
 from flows.stage import stage_dataset
 from flows.infer import batch_inference
 from flows.optimize import optimize_model
@@ -28,6 +33,7 @@ from tasks.inference.config import InferConfig, InferOptions
 from tasks.inference.offline import InferResult, infer_status_task
 from tasks.optimize import OptimizeConfig, OptimizeResult, optimize_status_task
 from tasks.optimize.config import OptimizeOptions
+from tasks.text.options import TextOptions
 from tasks.staging import StageConfig, StageOptions, StageResult, stage_status_task
 from tasks.step_status import StepStatus
 from tasks.training import TrainConfig, TrainOptions, train_status_task
@@ -36,7 +42,7 @@ CACHED = dict(cache_key_fn=lambda context, parameters: parameters["key"], persis
               result_serializer="json")
 
 
-class DataParams(StageOptions):
+class DataParams(TextOptions, StageOptions):
     """What data to stage, and how."""
 
     source: str = Field("digits", description="Built-in dataset (digits, synthetic-image, …) or an fsspec URL")
@@ -54,8 +60,8 @@ class LifecycleResult(BaseModel):
     staged: StageResult
     trained: TrainResult
     optimized: OptimizeResult
-    predictions: str
-    predicted: InferResult
+    predictions: str | None  # classifiers: the infer stage's output
+    predicted: InferResult | None
     stages_run: list[str]
     stages_cached: list[str]
     seconds: float
@@ -108,9 +114,14 @@ def lifecycle(
     = "swarm-data",
     storage_options: Annotated[dict[str, Any] | None, Field(description="fsspec options; never credentials")] = None,
     dask_address: Annotated[str | None, Field(description="Existing Dask scheduler (default: a local cluster)")] = None,
+    preset: Annotated[Preset, Field(description="digits: a classifier; text: a GPT on python-help. "
+                                                "Options set explicitly win over the preset's")] = "digits",
 ) -> LifecycleResult:
     """The AI lifecycle on the built-in digits by default; every stage cached by content."""
     started = time.perf_counter()
+    data = apply_preset(preset, "data", data, DataParams())
+    training = apply_preset(preset, "training", training, TrainOptions())
+    optimization = apply_preset(preset, "optimization", optimization, OptimizeOptions(quantize="int8-dynamic"))
     ran: list[str] = []
     cached: list[str] = []
     name = dataset_name(data)
@@ -127,18 +138,23 @@ def lifecycle(
                            **optimization.model_dump(), **access)
     optimized = _run(optimize_step, optimize_status_task(probe, f"{root}/models/{name}-"), ran, cached, "optimize")
 
-    probe = InferConfig(model=optimized.output, dataset=staged.dest, output="-", **inference.model_dump(), **access)
-    predicted = _run(infer_step, infer_status_task(probe, f"{root}/predictions/{name}-"), ran, cached, "infer")
+    predicted = None
+    if trained.task != "causal-lm":
+        probe = InferConfig(model=optimized.output, dataset=staged.dest, output="-", **inference.model_dump(),
+                            **access)
+        predicted = _run(infer_step, infer_status_task(probe, f"{root}/predictions/{name}-"), ran, cached, "infer")
 
     result = LifecycleResult(
         output=root, dataset=staged.dest, checkpoint=trained.checkpoint, model=optimized.output,
-        staged=staged, trained=trained, optimized=optimized, predictions=predicted.output, predicted=predicted,
+        staged=staged, trained=trained, optimized=optimized, predicted=predicted,
+        predictions=predicted.output if predicted else None,
         stages_run=ran, stages_cached=cached, seconds=round(time.perf_counter() - started, 2),
     )
     artifacts.table("lifecycle", [{
         "dataset": staged.dest, "rows": staged.rows, "val_acc": trained.val_acc,
+        "val_perplexity": trained.val_perplexity, "unigram_val_perplexity": trained.unigram_val_perplexity,
         "model": optimized.output, "model_bytes_before": optimized.before.get("size_bytes"),
-        "model_bytes_after": optimized.after.get("size_bytes"), "predictions": predicted.output,
+        "model_bytes_after": optimized.after.get("size_bytes"), "predictions": result.predictions or "-",
         "ran": ", ".join(ran) or "-", "cached": ", ".join(cached) or "-", "seconds": result.seconds,
     }], description="The lifecycle run")
     return result

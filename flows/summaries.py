@@ -73,7 +73,8 @@ def print_train_summary(result) -> None:
     acc = "-" if result.val_acc is None else f"{100 * result.val_acc:.2f}%"
     if result.task == "causal-lm":
         ppl = "-" if result.val_perplexity is None else f"{result.val_perplexity:,.2f} (loss {result.val_loss})"
-        quality = [("validation perplexity", ppl), ("train perplexity", result.train_perplexity)]
+        quality = [("validation perplexity", ppl), ("unigram perplexity", _unigram(result)),
+                   ("train perplexity", result.train_perplexity)]
         speed = (f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * (result.mfu or 0):.2f}% "
                  f"(data stall {100 * result.data_stall_share:.1f}%)")
     else:
@@ -106,26 +107,49 @@ def print_train_summary(result) -> None:
 def _size_change(optimized) -> str:
     before, after = optimized.before, optimized.after
     steps = " -> ".join(s["step"] for s in optimized.steps)
-    return (f"{steps}: {human_bytes(before['size_bytes'])} -> {human_bytes(after['size_bytes'])}, accuracy "
-            f"{100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%, batch-64 throughput "
-            f"{before['throughput']:,.0f} -> {after['throughput']:,.0f} rows/s")
+    if before.get("perplexity") is not None:  # a language model
+        quality = f"perplexity {before['perplexity']:,.2f} -> {after['perplexity']:,.2f}"
+        speed = f"{before['throughput']:,.0f} -> {after['throughput']:,.0f} tokens/s"
+    else:
+        quality = f"accuracy {100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%"
+        speed = f"batch-64 throughput {before['throughput']:,.0f} -> {after['throughput']:,.0f} rows/s"
+    return f"{steps}: {human_bytes(before['size_bytes'])} -> {human_bytes(after['size_bytes'])}, {quality}, {speed}"
+
+
+def _unigram(result) -> str:
+    """A unigram model's validation perplexity on the same tokens, and the LM's share of it."""
+    base = result.unigram_val_perplexity
+    if base is None:
+        return "- (no validation split)"
+    share = "" if result.val_perplexity is None else f"; the model's is {result.val_perplexity / base:.2f}x that"
+    return f"{base:,.2f} (same validation tokens{share})"
 
 
 def print_lifecycle_summary(result) -> None:
     from deployments.runtime import ui_url
 
     trained = result.trained
-    acc = "-" if trained.val_acc is None else f"{100 * trained.val_acc:.2f}%"
+    if trained.task == "causal-lm":
+        after = result.optimized.after.get("perplexity")
+        ppl = "-" if trained.val_perplexity is None else f"{trained.val_perplexity:,.2f}"
+        quality = [("model", f"{trained.model} ({trained.parameters:,} parameters)"),
+                   ("validation perplexity", ppl), ("unigram perplexity", _unigram(trained)),
+                   ("training", f"{trained.tokens_per_s or 0:,.0f} tokens/s, {trained.epochs} epochs")]
+        last = [("optimized perplexity", "-" if after is None else f"{after:,.2f}")]
+    else:
+        acc = "-" if trained.val_acc is None else f"{100 * trained.val_acc:.2f}%"
+        quality = [("model", f"{trained.model} ({trained.parameters:,} parameters), validation accuracy {acc}"),
+                   ("training", f"{trained.samples_per_s:,.0f} samples/s, {trained.epochs} epochs")]
+        last = [("predictions", f"{result.predictions}  ({result.predicted.rows:,} rows, "
+                                f"{result.predicted.rows_per_second:,.0f} rows/s)")]
     print_kv(
         "lifecycle",
         [
             ("dataset", f"{result.dataset}  ({result.staged.rows:,} rows, {result.staged.shards} shards)"),
-            ("model", f"{trained.model} ({trained.parameters:,} parameters), validation accuracy {acc}"),
-            ("training", f"{trained.samples_per_s:,.0f} samples/s, {trained.epochs} epochs"),
+            *quality,
             ("checkpoint", result.checkpoint),
             ("optimized model", f"{result.model}  ({_size_change(result.optimized)})"),
-            ("predictions", f"{result.predictions}  ({result.predicted.rows:,} rows, "
-                            f"{result.predicted.rows_per_second:,.0f} rows/s)"),
+            *last,
             ("stages run", ", ".join(result.stages_run) or "none"),
             ("stages cached", ", ".join(result.stages_cached) or "none"),
             ("time", f"{result.seconds:.1f} s"),

@@ -36,6 +36,7 @@ from tasks.training import (
     latest_checkpoint_task,
     prepare_training_task,
     train_rank_task,
+    unigram_baseline_task,
 )
 
 
@@ -61,6 +62,7 @@ class TrainResult(BaseModel):
     task: str = "classify"
     val_loss: float | None = None
     val_perplexity: float | None = None  # causal-lm
+    unigram_val_perplexity: float | None = None  # causal-lm: a unigram model's, on the same tokens
     train_perplexity: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
@@ -144,6 +146,7 @@ def train_model(config: TrainConfig) -> TrainResult:
     if not config.resume:
         clear_checkpoints_task(config)
     results = _run_group_with_retries(config, plan)
+    unigram = unigram_baseline_task(config, plan) if plan.lm else None
     main = results[0]
     last = main.history[-1]
     result = TrainResult(
@@ -166,6 +169,7 @@ def train_model(config: TrainConfig) -> TrainResult:
         task=plan.task,
         val_loss=last.get("val_loss"),
         val_perplexity=last.get("val_ppl"),
+        unigram_val_perplexity=None if unigram is None else round(unigram, 3),
         train_perplexity=last.get("train_ppl"),
         tokens_per_s=last.get("tokens_per_s"),
         mfu=last.get("mfu"),

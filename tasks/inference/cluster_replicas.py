@@ -31,6 +31,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from tasks.dask_workers import live_workers
 from storage.errors import ConfigError, SwarmError
 from tasks.inference.config import ServeConfig
 from tasks.inference.router import DRAINING, UP, ReplicaClient, Router
@@ -108,7 +109,7 @@ class ReplicaSet:
         return index
 
     def _workers(self) -> list[str]:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = live_workers(self.client)
         gpu = [a for a, w in info.items() if w.get("resources", {}).get("GPU")]
         return sorted(gpu or info)
 

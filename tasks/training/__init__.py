@@ -238,3 +238,11 @@ def clear_checkpoints_task(cfg: TrainConfig) -> None:
 def latest_checkpoint_task(cfg: TrainConfig) -> str | None:
     """The newest intact checkpoint to resume from, if any."""
     return latest_checkpoint(cfg)
+
+
+@task(name="unigram-baseline", cache_policy=NO_CACHE)
+def unigram_baseline_task(cfg: TrainConfig, plan: TrainPlan) -> float | None:
+    """Causal LM: a unigram model's validation perplexity on the same tokens (the floor to beat)."""
+    from tasks.training.baseline import unigram_perplexity
+
+    return unigram_perplexity(cfg.dataset, plan.lm, cfg.storage_options) if plan.lm else None

@@ -32,7 +32,7 @@ def _commands():
         "infer": everything(InferConfig),
         "serve-model": everything(ServeConfig),
         "serve": everything(ServeConfig),
-        "lifecycle": {"source", "epochs", "model", "world_size", "output", "storage_options", "dask_address"}
+        "lifecycle": {"source", "epochs", "model", "world_size", "preset", "output", "storage_options", "dask_address"}
         & (everything(DataParams) | everything(TrainOptions) | set(lifecycle.parameters.properties)),
     }
 

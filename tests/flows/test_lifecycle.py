@@ -51,3 +51,18 @@ def test_failed_run_resumes_from_the_failed_stage(dask_cluster, tmp_path):
     state = lifecycle(output=out, return_state=True)
     assert _task_states(state.state_details.flow_run_id) == {
         "stage": "Cached", "train": "Cached", "optimize": "Completed", "infer": "Completed"}
+
+
+
+def test_a_preset_fills_only_the_options_left_at_their_defaults():
+    """``--preset text`` gives the GPT recipe; what the caller sets wins (the full text
+    lifecycle, its time and its perplexity against a unigram model's:
+    tests/acceptance/test_text_lifecycle.py, run by ``make reliability``)."""
+    from flows.lifecycle import DataParams
+    from flows.presets import apply_preset
+
+    training = apply_preset("text", "training", TrainOptions(epochs=2), TrainOptions())
+    assert (training.model, training.task, training.epochs, training.batch_size) == ("gpt", "causal-lm", 2, 16)
+    data = apply_preset("text", "data", DataParams(), DataParams())
+    assert (data.source, data.vocab_size, data.seq_len) == ("python-help", 2048, 128)
+    assert apply_preset("digits", "training", TrainOptions(epochs=2), TrainOptions()) == TrainOptions(epochs=2)

@@ -201,11 +201,17 @@ def test_device_choice():
 
 
 class _FakeClient:
+    """A client whose scheduler reports workers with the given resources (no cluster needed)."""
+
     def __init__(self, resources):
         self.resources = resources
+        self.scheduler = self
 
-    def scheduler_info(self, n_workers=-1):
+    def identity(self, n_workers=0):
         return {"workers": {f"tcp://w{i}": {"resources": r} for i, r in enumerate(self.resources)}}
+
+    def sync(self, fn, **kwargs):
+        return fn(**kwargs)
 
 
 class _FakeRunner:

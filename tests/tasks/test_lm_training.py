@@ -262,3 +262,29 @@ def test_hf_lora_uses_peft_and_changes_only_adapters(hf_folder, text, tmp_path):
         return {f"model.model.{k}": v for k, v in original.items()}
 
     _lora_checks(hf_folder, tuned, base)
+
+
+def test_unigram_baseline_counts_the_positions_the_lm_loss_counts(tmp_path):
+    """Kept train targets 1, end-of-text, 2 (none after end-of-text, none on padding): with
+    add-one smoothing over 4 ids p = (1, 2, 2, 2) / 7; the val targets 1 and 2 score
+    exp(-(log 2/7 + log 2/7) / 2)."""
+    import math
+
+    import numpy as np
+
+    from storage.dataset import Dataset
+    from tasks.training.baseline import unigram_perplexity
+    from tasks.training.lm_data import lm_spec
+    from tests.lm_data import write_token_dataset
+
+    eot, pad = 3, 0
+    train = np.array([[1, 1, eot, 2, 2, pad]])
+    val = np.array([[2, 1, 2, pad, pad, pad]])
+    dest = write_token_dataset(str(tmp_path / "ds"), {"train": train, "val": val},
+                               {"vocab_size": 4, "eot_id": eot, "pad_id": pad}, None)
+    spec = lm_spec(Dataset.open(dest), None, None)
+    p = np.array([1, 2, 2, 2]) / 7
+    assert unigram_perplexity(dest, spec) == pytest.approx(math.exp(-(math.log(p[1]) + math.log(p[2])) / 2))
+    only_train = write_token_dataset(str(tmp_path / "t"), {"train": train},
+                                     {"vocab_size": 4, "eot_id": eot, "pad_id": pad}, None)
+    assert unigram_perplexity(only_train, spec) is None
