@@ -119,3 +119,14 @@ def test_loose_images_without_class_folders_are_refused(tmp_path):
     with pytest.raises(SourceError, match=r"4 image file\(s\) directly in .* but none in class folders"):
         stage_plain(source=str(tmp_path), dest=str(tmp_path / "out"), format="images")
     assert not (tmp_path / "out").exists()
+
+
+def test_builtin_cnn_pools_large_images_first():
+    import torch
+
+    from tasks.models import build_model
+
+    assert build_model("cnn", {"image_size": 32}).config.stem_pool == 1  # small images as before
+    big = build_model("cnn", {"in_channels": 3, "image_size": 224, "num_classes": 5})
+    assert big.config.stem_pool == 7
+    assert big(torch.zeros(2, 3, 224, 224)).shape == (2, 5)
