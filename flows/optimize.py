@@ -26,7 +26,7 @@ def optimize_model(config: OptimizeConfig) -> OptimizeResult:
     artifacts.table(
         "optimize-model",
         comparison_rows(result.before, result.after),
-        description=f"{' -> '.join(plan.steps)} on {plan.model_name} ({verdict}; accuracy on {result.eval_rows} rows "
+        description=f"{' -> '.join(plan.steps)} on {plan.model_name} ({verdict}; quality on {result.eval_rows} rows "
                     f"of {config.eval_dataset}, timings with {config.threads} thread(s))",
     )
     if not result.passed:

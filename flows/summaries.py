@@ -77,6 +77,9 @@ def print_train_summary(result) -> None:
                    ("train perplexity", result.train_perplexity)]
         speed = (f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * (result.mfu or 0):.2f}% "
                  f"(data stall {100 * result.data_stall_share:.1f}%)")
+    elif result.task == "regression":
+        quality = [("validation RMSE / MAE", f"{result.val_rmse} / {result.val_mae}"), ("validation R²", result.val_r2)]
+        speed = f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"
     else:
         quality, speed = [("validation accuracy", acc)], \
             f"{result.samples_per_s:,.0f} samples/s (data stall {100 * result.data_stall_share:.1f}%)"
@@ -111,7 +114,8 @@ def _size_change(optimized) -> str:
         quality = f"perplexity {before['perplexity']:,.2f} -> {after['perplexity']:,.2f}"
         speed = f"{before['throughput']:,.0f} -> {after['throughput']:,.0f} tokens/s"
     else:
-        quality = f"accuracy {100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%"
+        quality = (f"RMSE {before['rmse']:.4g} -> {after['rmse']:.4g}" if before.get("rmse") is not None else
+                   f"accuracy {100 * before['accuracy']:.2f}% -> {100 * after['accuracy']:.2f}%")
         speed = f"batch-64 throughput {before['throughput']:,.0f} -> {after['throughput']:,.0f} rows/s"
     return f"{steps}: {human_bytes(before['size_bytes'])} -> {human_bytes(after['size_bytes'])}, {quality}, {speed}"
 
@@ -182,6 +186,8 @@ def print_optimize_summary(result) -> None:
             ("perplexity gate", f"rose {100 * result.perplexity_increase:.2f}%, allowed "
                                 f"{100 * result.max_perplexity_increase:g}%: passed")
             if result.perplexity_increase is not None else
+            ("RMSE gate", f"rose {100 * result.rmse_increase:.2f}%, allowed {100 * result.max_rmse_increase:g}%: passed")
+            if result.rmse_increase is not None else
             ("accuracy gate", f"dropped {result.accuracy_drop:.2f} points, allowed {result.max_accuracy_drop:g}: passed"),
             ("evaluated on", f"{result.eval_rows:,} rows of {result.eval_dataset} ({result.eval_split or 'all splits'}), "
                              f"timings with {result.threads} thread(s)"),

@@ -55,6 +55,9 @@ class TrainResult(BaseModel):
     resumed_from: str | None
     val_acc: float | None
     train_loss: float
+    val_rmse: float | None = None  # regression, in the target's units
+    val_mae: float | None = None
+    val_r2: float | None = None
     samples_per_s: float
     data_stall_share: float
     seconds: float
@@ -162,6 +165,9 @@ def train_model(config: TrainConfig) -> TrainResult:
         resumed_from=main.resumed_from,
         val_acc=last.get("val_acc"),
         train_loss=last["train_loss"],
+        val_rmse=last.get("val_rmse"),
+        val_mae=last.get("val_mae"),
+        val_r2=last.get("val_r2"),
         samples_per_s=last["samples_per_s"],
         data_stall_share=last["data_stall_share"],
         seconds=round(time.perf_counter() - started, 2),

@@ -20,6 +20,7 @@ from typing import Any
 from storage import atomic
 from storage.errors import ConfigError, IntegrityError, ManifestError
 from storage.hashing import check_sealed, digest_bytes, sealed_json
+from storage.reach import reaching
 from storage.urls import url_to_fs
 
 FORMAT_ID = "swarm-checkpoint"
@@ -188,9 +189,10 @@ def resolve(url: str, storage_options: dict | None = None) -> str:
     if lower.endswith(".safetensors") or lower.endswith(META):
         path = path.rsplit("/", 1)[0]
         url = url.rstrip("/").rsplit("/", 1)[0]
-    if fs.exists(f"{path}/{META}"):
-        return url.rstrip("/")
-    found = latest(url, storage_options)
+    with reaching(url):
+        if fs.exists(f"{path}/{META}"):
+            return url.rstrip("/")
+        found = latest(url, storage_options)
     if found is None:
         raise ManifestError(f"no checkpoint at {url!r} (expected {META} there or ckpt-* folders with one)")
     return found

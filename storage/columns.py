@@ -34,7 +34,9 @@ class ColumnSpec:
         return int(self.dtype.itemsize * np.prod(self.shape, dtype=np.int64)) if self.numeric else 0
 
 
-def column_specs(schema: pa.Schema, columns: list[str] | None) -> list[ColumnSpec]:
+def column_specs(schema: pa.Schema, columns: list[str] | None, as_arrow: set[str] | frozenset = frozenset()
+                 ) -> list[ColumnSpec]:
+    """Each column's layout; those in ``as_arrow`` stay Arrow arrays (e.g. numbers with nulls)."""
     names = list(schema.names) if columns is None else list(columns)
     unknown = [c for c in names if c not in schema.names]
     if unknown:
@@ -42,7 +44,7 @@ def column_specs(schema: pa.Schema, columns: list[str] | None) -> list[ColumnSpe
                           f"{', '.join(schema.names)}")
     if not names:
         raise ConfigError("columns must name at least one column")
-    return [_spec(schema.field(name)) for name in names]
+    return [ColumnSpec(name, None, ()) if name in as_arrow else _spec(schema.field(name)) for name in names]
 
 
 def _spec(field: pa.Field) -> ColumnSpec:

@@ -9,9 +9,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from storage import formats, manifest as manifest_mod
-from storage.errors import IntegrityError, ManifestError
+from storage.errors import IntegrityError, ManifestError, StorageUnreachable
 from storage.hashing import digest_bytes
 from storage.manifest import Manifest, ShardEntry
+from storage.reach import missing_bucket, reaching
 from storage.urls import is_local, protocol_of, url_to_fs
 
 
@@ -28,7 +29,15 @@ class Dataset:
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Dataset":
         fs, root = url_to_fs(url, storage_options)
         root = root.rstrip("/")
-        return cls(url=url, fs=fs, root=root, manifest=manifest_mod.read(fs, root))
+        with reaching(url):
+            try:
+                manifest = manifest_mod.read(fs, root)
+            except ManifestError:
+                missing = missing_bucket(fs, root, url)
+                if missing:
+                    raise StorageUnreachable(missing) from None
+                raise
+        return cls(url=url, fs=fs, root=root, manifest=manifest)
 
     @property
     def schema(self) -> pa.Schema:

@@ -40,3 +40,7 @@ class CacheError(SwarmError):
 
 class QualityGateError(SwarmError):
     """A result that failed its quality gate (e.g. an optimized model that lost too much accuracy)."""
+
+
+class StorageUnreachable(SwarmError):
+    """Storage that cannot be reached as given: an endpoint that does not answer, a bucket that does not exist."""

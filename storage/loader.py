@@ -73,6 +73,9 @@ class StreamingDataset(IterableDataset):
             two are smaller.
         columns: the columns to read (default: all).
         transforms: ``{column: fn}`` applied to each batch's column (decode, normalize).
+        batch_transform: ``fn(batch) -> batch`` applied after them to the whole batch (columns as
+            numpy or Arrow arrays), e.g. to assemble several columns into one model input.
+        arrow_columns: columns kept as Arrow arrays (numbers with nulls, for a transform to fill).
         rank, world_size: default to ``torch.distributed`` when it is initialised, else 0, 1.
         storage_options: fsspec options (``endpoint_url``…, and the cache's ``cache_dir``,
             ``cache_bytes``, ``decoded``, ``verify``).
@@ -91,7 +94,8 @@ class StreamingDataset(IterableDataset):
                  columns: list[str] | None = None, transforms: dict[str, Transform] | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  storage_options: dict[str, Any] | None = None, cache: bool | str = "auto", shard_depth: int = 4,
-                 index_key: str | None = None, verify: bool = True, decoded: bool | str = "auto"):
+                 index_key: str | None = None, verify: bool = True, decoded: bool | str = "auto",
+                 batch_transform: Transform | None = None, arrow_columns: set[str] | None = None):
         super().__init__()
         if cache not in (True, False, "auto"):
             raise ConfigError(f"cache={cache!r} is not allowed; allowed: True, False, 'auto'")
@@ -104,8 +108,9 @@ class StreamingDataset(IterableDataset):
         self.shards: list[ShardEntry] = dataset.shards(split)
         self.shard_rows = np.array([s.rows for s in self.shards], dtype=np.int64)
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]]).astype(np.int64)
-        self.specs: list[ColumnSpec] = column_specs(self.manifest.schema, columns)
+        self.specs: list[ColumnSpec] = column_specs(self.manifest.schema, columns, set(arrow_columns or ()))
         self.transforms = dict(transforms or {})
+        self.batch_transform = batch_transform
         self._check_transforms(index_key)
         self.index_key = index_key
         rank, world_size = _distributed(rank, world_size)
@@ -136,7 +141,7 @@ class StreamingDataset(IterableDataset):
             raise ConfigError(f"transforms name column(s) {', '.join(map(repr, stray))} that are not read; "
                               f"columns: {', '.join(names)}")
         for spec in self.specs:
-            if not spec.numeric and spec.name not in self.transforms:
+            if not spec.numeric and spec.name not in self.transforms and self.batch_transform is None:
                 typ = self.manifest.schema.field(spec.name).type
                 raise ConfigError(
                     f"column {spec.name!r} is {typ}, which has no tensor layout; give a transform for it "
@@ -346,6 +351,8 @@ class StreamingDataset(IterableDataset):
         """Apply the column transforms and make tensors (no copy for numpy arrays)."""
         for name, fn in self.transforms.items():
             arrays[name] = fn(arrays[name])
+        if self.batch_transform is not None:
+            arrays = self.batch_transform(arrays)
         return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
     def batches(self, out: BufferProvider | None = None, fetch_depth: Callable[[], int] | None = None

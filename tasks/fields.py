@@ -69,3 +69,15 @@ def byte_size(what: str) -> Any:
 Codec = one_of("codec", codecs.CODECS)
 ShardFormat = one_of("shard format", formats.FORMATS)
 SourceFormat = one_of("source format", sources.SOURCE_FORMATS)
+
+
+def _split_names(value: Any) -> Any:
+    """Names given comma-separated, repeated, or both (``a,b`` ``c``) as one list."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)):
+        return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    return value
+
+
+#: Column names (or globs) from a repeatable option that also takes comma-separated lists.
+NameList = Annotated[list[str], BeforeValidator(_split_names)]

@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage import codecs, image_sources, layout, manifest as manifest_mod, sources
 from storage.cleanup import remove_unreferenced
-from storage.layout import split_mask
 from storage.errors import SourceError
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import ShardSpec, write_shard
@@ -40,7 +39,9 @@ from tasks import datasets, images as image_plan
 from tasks.images import ImageOptions
 from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
 from tasks.retries import retry_unless_user_error
+from tasks.splits import split_mask
 from tasks.step_status import StepStatus
+from tasks.tables import stats as column_stats
 from tasks.storage_access import StorageAccess, StorageOptions, check_destination, check_storage_options  # noqa: F401 - callers from before these moved
 from tasks.text import plan as text_plan
 from tasks.text.options import TextOptions
@@ -128,6 +129,7 @@ class GroupResult:
     worker: str = ""
     text: dict[str, int] | None = None  # counts of tokenized text
     bad: tuple[str, ...] = ()  # images that did not decode, by path
+    stats: dict[str, Any] | None = None  # tables: the column summary of its rows (tasks.tables.stats)
 
 
 class StageResult(BaseModel):
@@ -308,6 +310,7 @@ def write_group(task: GroupTask) -> GroupResult:
     k = 0  # the group's next shard to write
     text_counts = text_plan.TextCounts() if task.text else None
     images, bad = image_plan.is_images([u for _, u in task.units]), []
+    summaries: list[dict] = []
 
     def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
@@ -315,6 +318,8 @@ def write_group(task: GroupTask) -> GroupResult:
         if images:
             table, mask, dropped = image_plan.drop_bad(table, mask)
             bad.extend(dropped)
+        elif task.text is None:
+            summaries.append(column_stats.partial(table, ~mask))
         parts = [("train", table)] if not mask.any() else [
             ("train", table.filter(pa.array(~mask))),
             ("val", table.filter(pa.array(mask))),
@@ -349,7 +354,8 @@ def write_group(task: GroupTask) -> GroupResult:
     assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
                        worker=f"{socket.gethostname()}:{os.getpid()}",
-                       text=vars(text_counts) if text_counts else None, bad=tuple(bad))
+                       text=vars(text_counts) if text_counts else None, bad=tuple(bad),
+                       stats=column_stats.merge(summaries) if task.text is None and not images else None)
 
 
 # --------------------------------------------------------------------------- commit
@@ -373,6 +379,8 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         metadata = image_plan.check_bad(plan, bad, fs, root)
         if plan.text is not None:
             schema, metadata = text_plan.before_manifest(fs, root, plan.text, [r.text for r in results])
+        elif not image_plan.is_images(plan.units):  # per-column statistics of the train split (tasks.tables)
+            metadata = {**metadata, "column_stats": column_stats.finish(column_stats.merge([r.stats for r in results]))}
         manifest = Manifest(
             shard_format=cfg.shard_format,
             codec=cfg.codec,

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from storage.errors import ConfigError, DestinationError, SwarmError
-from storage.urls import CREDENTIALS_OPTION, protocol_of, url_to_fs
+from storage.reach import missing_bucket, reaching
+from storage.urls import CREDENTIALS_OPTION, url_to_fs
 
 SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential", "session")
 _URL_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
@@ -60,13 +61,17 @@ def check_destination(dest: str, storage_options: dict[str, Any], role: str = "d
     exists. ``role`` is what errors call it (the CLI argument's name)."""
     fs, root = url_to_fs(dest, storage_options)
     root = root.rstrip("/")
+    with reaching(dest):  # an endpoint that does not answer: one line naming the URL
+        return _check_destination(fs, root, dest, role)
+
+
+def _check_destination(fs, root: str, dest: str, role: str):
     try:
         if fs.isfile(root):
             raise DestinationError(f"{role} {dest!r} is an existing file; give a folder (or a new path) for the dataset")
-        if protocol_of(fs) not in ("file", "local", "memory"):
-            bucket = root.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise DestinationError(f"{role} bucket {bucket!r} does not exist ({dest!r}); create it first")
+        missing = missing_bucket(fs, root, dest, role)
+        if missing:
+            raise DestinationError(missing)
     except SwarmError:
         raise
     except (PermissionError, OSError) as exc:

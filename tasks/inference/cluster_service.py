@@ -72,7 +72,7 @@ class ClusterInferenceService(BatchingFront):
         return {
             "model": self.name,
             "checkpoint": self.url,
-            "input": {"width": self.spec.width, "shape": list(self.spec.shape), "scale": self.spec.columns.scale},
+            "input": self.spec.describe(),
             "replicas": len(self.router.up()),
             "replica_bounds": [low, high],
             "placement": self.placement(),

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.fields import Codec
+from tasks.fields import Codec, NameList
 from tasks.storage_access import StorageAccess, check_storage_options
 
 
@@ -107,6 +107,9 @@ class InferOptions(BaseModel):
         "auto", description="CPU: auto tries oneDNN against eager per task and keeps the faster; eager: the model as is")
     probabilities: bool = Field(False, description="Also write each row's class probabilities")
     codec: Codec = Field("zstd", description="Codec of the prediction shards")
+    keep_columns: NameList = Field(default_factory=list, description=(
+        "Input columns carried into the predictions (comma-separated or repeated), e.g. id,label"))
+    output_format: Literal["arrow", "parquet"] = Field("arrow", description="File format of the prediction shards")
 
 
 class InferTarget(BaseModel):

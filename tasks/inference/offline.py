@@ -115,7 +115,10 @@ class InferResult(BaseModel):
 
 def _options(cfg: InferConfig) -> dict:
     """The options a prediction shard's content depends on (its name hashes them)."""
-    return {"probabilities": cfg.probabilities, "codec": cfg.codec}
+    options = {"probabilities": cfg.probabilities, "codec": cfg.codec}
+    if cfg.keep_columns or cfg.output_format != FORMAT:  # leaves the names of earlier runs' shards as they were
+        options.update(keep_columns=list(cfg.keep_columns), output_format=cfg.output_format)
+    return options
 
 
 # --------------------------------------------------------------------------- plan
@@ -125,7 +128,7 @@ def plan_inference(cfg: InferConfig) -> InferPlan:
     """Check model, data and output fit and find what is left to predict; writes nothing."""
     model_url, meta = ckpt.read_meta(cfg.model, cfg.storage_options, formats=MODEL_FORMATS)
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
-    cols = model_columns(cfg.model, meta, ds)
+    cols = model_columns(cfg.model, meta, ds, cfg.keep_columns)
     if cfg.split is not None and cfg.split not in ds.manifest.splits:
         raise ConfigError(f"split {cfg.split!r} is not in dataset {cfg.dataset!r}; it has: "
                           f"{', '.join(ds.manifest.splits) or 'none'}")
@@ -227,7 +230,7 @@ def predict_group(group: InferGroup) -> GroupOutput:
     root = root.rstrip("/")
     entries, rows, hits, misses = [], 0, 0, 0
     predict, kernel = None, None
-    inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols.feature, device, image=cols.image)
+    inputs = read_inputs(cfg.dataset, cfg.storage_options, group.inputs, cols, device, keep=cfg.keep_columns)
     with steady_allocator():
         for item in inputs:
             shard = item["shard"]
@@ -239,7 +242,8 @@ def predict_group(group: InferGroup) -> GroupOutput:
                                                   key=(loaded.url, loaded.meta.get("tensors_hash")))
                 predict = make_predict(forward, lambda t: t, device, controller=controller, memory_cap=cap, clock=clock)
             logits = predict(x)
-            entries.append(write_predictions(fs, root, shard, logits, cfg.probabilities, cfg.codec))
+            entries.append(write_predictions(fs, root, shard, logits, cfg.probabilities, cfg.codec, cols,
+                                             cfg.output_format))
             shard.release()
             rows += shard.entry.rows
             hits += shard.cache_hit is True
@@ -291,7 +295,7 @@ def commit_inference(plan: InferPlan, outputs: list[GroupOutput], seconds: float
         entries.append(entry)
     codec, level = codecs.resolve(cfg.codec)
     manifest = Manifest(
-        shard_format=FORMAT, codec=codec, level=level, schema=schema_of(fs, root, entries[0]), shards=entries,
+        shard_format=cfg.output_format, codec=codec, level=level, schema=schema_of(fs, root, entries[0]), shards=entries,
         metadata={"kind": PREDICTIONS_KIND, "key": ["shard", "row"], "model": plan.model_url,
                   "model_hash": plan.model_hash, "dataset": cfg.dataset, "dataset_hash": plan.dataset_hash},
         source={"model_hash": plan.model_hash, "dataset_hash": plan.dataset_hash, "options": _options(cfg)},

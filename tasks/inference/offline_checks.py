@@ -17,12 +17,25 @@ from tasks.storage_access import check_destination
 from tasks.training.data import Columns
 
 
-def model_columns(model: str, meta: dict, ds: Dataset) -> Columns:
-    """The dataset column the model reads, checked: present, numeric, as wide as the model's
-    input. Shape and scale are the model's, as recorded at training, else the dataset's."""
+def model_columns(model: str, meta: dict, ds: Dataset, keep: list[str] = ()) -> Columns:
+    """The dataset column(s) the model reads, checked: present, numeric, as wide as the model's
+    input. Shape and scale are the model's, as recorded at training, else the dataset's; a
+    model trained on table columns reads and encodes them as training did. ``keep`` names
+    columns carried into the predictions, checked present."""
     trained = meta.get("columns") or {}
     described = ds.manifest.metadata
     names = ds.schema.names
+    missing_kept = [c for c in keep if c not in names]
+    if missing_kept:
+        raise ConfigError(f"--keep-columns {', '.join(map(repr, missing_kept))}: dataset {ds.url!r} has no such "
+                          f"column (columns: {', '.join(names)})")
+    if trained.get("features"):
+        cols = Columns.from_record(trained, label=None)
+        lacking = [c for c in cols.table.names if c not in names]
+        if lacking:
+            raise ConfigError(f"model {model!r} reads feature column(s) {', '.join(map(repr, lacking))}, which dataset "
+                              f"{ds.url!r} lacks (columns: {', '.join(names)})")
+        return cols
     feature = trained.get("feature") or described.get("feature")
     if not feature:
         raise ConfigError(f"model {model!r} does not record its input column and dataset {ds.url!r} does not name "
@@ -45,7 +58,8 @@ def model_columns(model: str, meta: dict, ds: Dataset) -> Columns:
         raise ConfigError(f"model {model!r} takes rows of shape {list(shape)} ({math.prod(shape)} values); column "
                           f"{feature!r} of dataset {ds.url!r} has {width} values per row")
     scale = trained["scale"] if "scale" in trained else described.get("scale")
-    return Columns(feature, "", tuple(shape) if shape else None, scale, image=image)
+    labels = Columns.from_record(trained).labels
+    return Columns(feature, "", tuple(shape) if shape else None, scale, None, labels, image)
 
 
 def check_output(output: str, dataset: str, storage_options: dict):

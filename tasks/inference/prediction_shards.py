@@ -28,16 +28,17 @@ from storage.dataset import Dataset
 from storage.hashing import digest_bytes
 from storage.manifest import ShardEntry
 from storage.shard_writer import PART_PREFIX
-from tasks.training.data import feature_array, image_input
+from tasks.training.data import Columns, feature_array, image_input
 
-FORMAT = "arrow"
+FORMAT = "arrow"  # the default; --output-format parquet writes Parquet shards
 PREDICTIONS_KIND = "predictions"  # the manifest's metadata ``kind`` of a prediction dataset
 READS_IN_FLIGHT = 2
 
 
 def prediction_name(entry: ShardEntry, model_hash: str, options: dict) -> str:
     body = json.dumps({"input": [entry.name, entry.hash], "model": model_hash, "options": options}, sort_keys=True)
-    return f"{entry.split}/{PART_PREFIX}{hashlib.sha256(body.encode()).hexdigest()[:20]}.arrow"
+    ext = options.get("output_format") or FORMAT
+    return f"{entry.split}/{PART_PREFIX}{hashlib.sha256(body.encode()).hexdigest()[:20]}.{ext}"
 
 
 def present_names(fs, root: str) -> set[str]:
@@ -59,6 +60,7 @@ class InputShard:
     x: Any
     held: Any = None  # the cache's hold on the shard's file while its rows are in use
     cache_hit: bool | None = None  # None: read straight from storage
+    kept: pa.Table | None = None  # input columns carried into the predictions
 
     def release(self) -> None:
         if self.held is not None:
@@ -66,11 +68,12 @@ class InputShard:
             self.held = None
 
 
-def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], feature: str,
-                device: Any = None, depth: int = 1, image: dict | None = None):
+def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], cols: Columns,
+                device: Any = None, depth: int = 1, keep: list[str] = ()):
     """A :class:`~storage.prefetch.Prefetcher` of ``{"x": rows, "shard": InputShard}``, in
-    ``inputs`` order; ``x`` is on ``device`` when it is a CUDA device (images, where the model
-    was trained on them, decoded as for validation). Release each shard once predicted."""
+    ``inputs`` order; ``x`` (the column, the table columns encoded as in training, or the
+    images decoded as for validation) is on ``device`` when it is a CUDA device. Release
+    each shard once predicted."""
     from storage.cache import ShardCacheFileSystem
     from storage.fetcher import ShardFetcher
     from storage.loader import _with_cache
@@ -87,9 +90,12 @@ def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEnt
             table = held.table
         else:
             table = ds.read_shard(entry, verify=True)
-        x = feature_array(table, feature) if image is None else image_input(table, feature, image)
-        return InputShard(entry, name, _tensor(x), held,
-                          None if held is None else held.local)
+        if cols.image is not None:
+            x = image_input(table, cols.feature, cols.image)
+        else:
+            x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
+        return InputShard(entry, name, _tensor(x), held, None if held is None else held.local,
+                          table.select(list(keep)) if keep else None)
 
     def shards() -> Iterator[dict[str, Any]]:
         fetcher = ShardFetcher(read, inputs, depth=READS_IN_FLIGHT, size=lambda item: item[0].bytes)
@@ -112,25 +118,39 @@ def _tensor(x: np.ndarray):
 
 
 def write_predictions(fs, root: str, shard: InputShard, logits: np.ndarray, probabilities: bool,
-                      codec: str) -> ShardEntry:
-    """The prediction shard of ``shard``: its key columns, class, confidence (and probabilities)."""
+                      codec: str, cols: Columns | None = None, output_format: str = FORMAT) -> ShardEntry:
+    """The prediction shard of ``shard``: its key columns, the prediction (a class id or name,
+    or a regression's value in the target's units), confidence (and probabilities), and the
+    kept input columns."""
     from tasks.inference.predict import softmax
 
-    probs = softmax(logits.astype(np.float32))
-    rows = len(probs)
+    rows = len(logits)
     columns = {
         "shard": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([shard.entry.name])),
         "row": pa.array(np.arange(rows, dtype=np.int64)),
-        "prediction": pa.array(probs.argmax(axis=1).astype(np.int64)),
-        "confidence": pa.array(probs.max(axis=1).astype(np.float32)),
     }
-    if probabilities:
-        columns["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
+    labels = cols.labels if cols is not None else None
+    if labels is not None and labels.task == "regression":
+        columns["prediction"] = pa.array(labels.decode(logits.reshape(rows, -1)[:, 0]), pa.float64())
+    else:
+        probs = softmax(logits.astype(np.float32))
+        ids = probs.argmax(axis=1).astype(np.int64)
+        columns["prediction"] = pa.array(labels.decode(ids)) if labels is not None and labels.named else pa.array(ids)
+        columns["confidence"] = pa.array(probs.max(axis=1).astype(np.float32))
+        if probabilities:
+            columns["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
+    for name in shard.kept.column_names if shard.kept is not None else ():
+        columns[name if name not in columns else f"input_{name}"] = shard.kept.column(name)
     table = pa.table(columns)
-    data = formats.get(FORMAT).encode(table, codec, codecs.resolve(codec)[1])
+    data = formats.get(output_format).encode(table, codec, codecs.resolve(codec)[1])
     atomic.write_bytes(fs, f"{root}/{shard.name}", data)
     return ShardEntry(name=shard.name, split=shard.entry.split, rows=rows, bytes=len(data), hash=digest_bytes(data),
                       raw_bytes=table.nbytes)
+
+
+def format_of(name: str) -> str:
+    """A prediction shard's format, from its name's extension."""
+    return "parquet" if name.endswith(".parquet") else FORMAT
 
 
 def existing_entry(fs, root: str, name: str, split: str, known: dict[str, ShardEntry]) -> ShardEntry:
@@ -139,10 +159,10 @@ def existing_entry(fs, root: str, name: str, split: str, known: dict[str, ShardE
     if name in known:
         return known[name]
     data = fs.cat_file(f"{root}/{name}")
-    table = formats.get(FORMAT).decode(data)
+    table = formats.get(format_of(name)).decode(data)
     return ShardEntry(name=name, split=split, rows=table.num_rows, bytes=len(data), hash=digest_bytes(data),
                       raw_bytes=table.nbytes)
 
 
 def schema_of(fs, root: str, entry: ShardEntry) -> pa.Schema:
-    return formats.get(FORMAT).decode(fs.cat_file(f"{root}/{entry.name}")).schema
+    return formats.get(format_of(entry.name)).decode(fs.cat_file(f"{root}/{entry.name}")).schema

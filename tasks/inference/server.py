@@ -42,7 +42,6 @@ from tasks.inference.adaptive import is_out_of_memory
 from tasks.inference.batcher import BatcherClosed, QueueFull
 from tasks.inference.config import ServeConfig
 from tasks.inference.inputs import PayloadError
-from tasks.inference.predict import softmax
 from tasks.inference.router import NoReplica
 from tasks.inference.service import BatchingFront, InferenceService
 
@@ -71,10 +70,7 @@ def create_app(service: BatchingFront) -> Starlette:
             x = service.spec.parse(inputs, config.max_request_rows)
             logits = await service.predict(x)
             code, rows = 200, len(x)
-            doc = {"model": service.name, "predictions": logits.argmax(axis=-1)}
-            if probabilities:
-                doc["probabilities"] = softmax(logits)
-            return JSONResponse(doc)
+            return JSONResponse({"model": service.name, **service.spec.answer(logits, probabilities)})
         except PayloadError as exc:
             code = exc.status
             return _error(code, str(exc))

@@ -94,7 +94,7 @@ class InferenceService(BatchingFront):
         return {
             "model": self.name,
             "checkpoint": self.url,
-            "input": {"width": self.spec.width, "shape": list(self.spec.shape), "scale": self.spec.columns.scale},
+            "input": self.spec.describe(),
             "replicas": len(self.pool.replicas),
             "max_batch_size": self.max_batch_size,
             "max_wait_ms": self.config.max_wait_ms,

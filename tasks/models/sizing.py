@@ -135,30 +135,32 @@ def _expected_width(model) -> int | None:
     return None
 
 
-def check_model(model, name: str, size: DataSize, x, labels=None, what: str = "the dataset") -> None:
+def check_model(model, name: str, size: DataSize, x, labels=None, what: str = "the dataset", origin: str = "") -> None:
     """Run ``model`` on one batch ``x`` (a tensor of model input rows) on this machine and
     refuse, in one line naming both numbers, an input width or output count the data does
-    not fit, or a label outside the model's classes."""
+    not fit, or a label outside the model's classes. ``origin`` says where the model is from."""
     import torch
 
     width = int(math.prod(x.shape[1:]))
+    rows = tuple(int(d) for d in x.shape[1:])
+    name = f"{name!r}{origin}"
     expected = _expected_width(model)
     if expected is not None and expected != width and size.task != "causal-lm":
-        raise ConfigError(f"model {name!r} cannot take {what}: the model takes {expected} input values per row, "
-                          f"the data has {width}; leave --model-arg in_features out (built-ins take it from the "
+        raise ConfigError(f"model {name} cannot take {what} (rows of {rows} values): the model takes {expected} input "
+                          f"values per row, the data has {width}; leave --model-arg in_features out (built-ins take it from the "
                           f"data) or give {width}")
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
         detail = " ".join(str(exc).split())[:300]
-        raise ConfigError(f"model {name!r} cannot take {what} (rows of {list(x.shape[1:])} values): "
+        raise ConfigError(f"model {name} cannot take {what} (rows of {rows} values): "
                           f"{type(exc).__name__}: {detail}") from None
     outputs = size.num_outputs
     got = int(out.shape[-1]) if getattr(out, "ndim", 0) >= 2 else 1
     if outputs is not None and got != outputs:
         wanted = "1 output (a regression target)" if size.task == "regression" else f"{outputs} classes"
-        raise ConfigError(f"model {name!r} gives {got} outputs per row, but the labels of {what} have {wanted}; "
+        raise ConfigError(f"model {name} gives {got} outputs per row, but the labels of {what} have {wanted}; "
                           "leave --model-arg num_classes out (built-ins take it from the data) or match it")
     if labels is not None and size.task == "classify" and len(labels):
         high = int(labels.max())

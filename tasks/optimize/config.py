@@ -37,6 +37,8 @@ class OptimizeOptions(BaseModel):
     max_perplexity_increase: float = Field(
         0.05, ge=0, description="Quality gate of language models: the relative rise of validation perplexity allowed "
                                 "(0.05: 5%)")
+    max_rmse_increase: float = Field(
+        0.05, ge=0, description="Quality gate of regressions: the relative rise of the eval RMSE allowed (0.05: 5%)")
     eval_split: str | None = Field(None, description="Split to score (default: 'val' if present, else all rows)")
     feature_column: str | None = Field(None, description="Input column of the eval dataset (default: the checkpoint's)")
     label_column: str | None = Field(None, description="Label column of the eval dataset (default: the checkpoint's)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,6 +13,7 @@ from storage import checkpoint as ckpt
 from storage.dataset import Dataset
 from storage.errors import ConfigError
 from tasks.models.loading import LoadedModel, load_model
+from tasks.models.sizing import DataSize, check_model
 from tasks.optimize.artifact import check_output, model_tensors, save_artifact
 from tasks.optimize.config import OptimizeConfig
 from tasks.optimize.precision import cast_model
@@ -50,6 +51,8 @@ class OptimizeResult(BaseModel):
     passed: bool
     perplexity_increase: float | None = None  # language models: relative (0.05 = 5% higher)
     max_perplexity_increase: float | None = None
+    rmse_increase: float | None = None  # regressions: relative
+    max_rmse_increase: float | None = None
     eval_dataset: str
     eval_split: str | None
     eval_rows: int
@@ -63,6 +66,12 @@ class OptimizeResult(BaseModel):
                 f"({self.before['perplexity']:.4g} -> {self.after['perplexity']:.4g} on {self.eval_rows} blocks of "
                 f"{self.eval_dataset}), more than the allowed {100 * self.max_perplexity_increase:g}% "
                 "(--max-perplexity-increase); nothing was written"
+            )
+        if self.rmse_increase is not None:
+            return (
+                f"quality gate: RMSE rose {100 * self.rmse_increase:.2f}% ({self.before['rmse']:.4g} -> "
+                f"{self.after['rmse']:.4g} on {self.eval_rows} rows of {self.eval_dataset}), more than the allowed "
+                f"{100 * self.max_rmse_increase:g}% (--max-rmse-increase); nothing was written"
             )
         return (
             f"quality gate: accuracy fell {self.accuracy_drop:.2f} points "
@@ -82,17 +91,25 @@ def _eval_split(ds: Dataset, asked: str | None) -> str | None:
 
 
 def _check_forward(loaded: LoadedModel, ds: Dataset, cols: Columns, split: str | None) -> None:
-    import torch
+    """One batch of the eval split through the model (see tasks.models.sizing)."""
+    x, y = to_arrays(ds.read_shard(ds.shards(split)[0]).slice(0, 64), cols)
+    classes = len(cols.labels.classes) if cols.labels is not None and cols.task == "classify" else None
+    size = DataSize(cols.shape, cols.task, classes)
+    where = f"feature columns of {ds.url!r}" if cols.table else f"column {cols.feature!r} of {ds.url!r}"
+    check_model(loaded.model, loaded.name, size, feature_tensor(x, cols), y, what=where, origin=f" of {loaded.url!r}")
 
-    x, _ = to_arrays(ds.read_shard(ds.shards(split)[0]).slice(0, 2), cols)
-    try:
-        with torch.inference_mode():
-            loaded.model(feature_tensor(x, cols))
-    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
-        raise ConfigError(
-            f"model {loaded.name!r} of {loaded.url!r} cannot take column {cols.feature!r} of {ds.url!r} "
-            f"(rows of {x.shape[1:]} values): {type(exc).__name__}: {exc}"
-        ) from None
+
+def _eval_columns(cfg: OptimizeConfig, loaded: LoadedModel, ds: Dataset) -> Columns:
+    """The eval dataset's columns, encoded as the model was trained (its recorded encodings)."""
+    trained = Columns.from_record(loaded.columns, label=cfg.label_column or loaded.columns.get("label"))
+    if trained.table is None:
+        cols = resolve_columns(ds, cfg.feature_column or loaded.columns.get("feature"), trained.label)
+        return replace(cols, labels=trained.labels or cols.labels)
+    lacking = [c for c in [*trained.table.names, trained.label] if c not in ds.schema.names]
+    if lacking:
+        raise ConfigError(f"eval dataset {ds.url!r} lacks column(s) {', '.join(map(repr, lacking))} the model "
+                          f"was trained with (columns: {', '.join(ds.schema.names)})")
+    return trained
 
 
 def prepare_optimization(cfg: OptimizeConfig) -> OptimizePlan:
@@ -120,8 +137,7 @@ def prepare_optimization(cfg: OptimizeConfig) -> OptimizePlan:
         check_output(cfg.output, cfg.storage_options)
         return OptimizePlan(loaded.url, loaded.name, loaded.args, Columns(spec.column, None, None, None), split, rows,
                             tuple(cfg.steps), spec)
-    cols = resolve_columns(ds, cfg.feature_column or loaded.columns.get("feature"),
-                           cfg.label_column or loaded.columns.get("label"))
+    cols = _eval_columns(cfg, loaded, ds)
     split = _eval_split(ds, cfg.eval_split)
     rows = sum(e.rows for e in ds.shards(split))
     if rows == 0:
@@ -169,10 +185,13 @@ def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
     model, args, records = apply_steps(cfg, loaded)
     tensors = model_tensors(model)
     before, after = measure([(original, model_tensors(original)), (model, tensors)], x, y, plan.columns, lm=plan.lm)
-    increase = None
+    increase = rmse_increase = None
     if plan.lm is not None:
         drop, increase = 0.0, round(after.perplexity / before.perplexity - 1, 6)
         passed = increase <= cfg.max_perplexity_increase
+    elif plan.columns.task == "regression":
+        drop, rmse_increase = 0.0, round(after.rmse / before.rmse - 1, 6) if before.rmse else 0.0
+        passed = rmse_increase <= cfg.max_rmse_increase
     else:
         drop = round(100 * (before.accuracy - after.accuracy), 4)
         passed = drop <= cfg.max_accuracy_drop
@@ -182,6 +201,8 @@ def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
         max_accuracy_drop=cfg.max_accuracy_drop, passed=passed, eval_dataset=cfg.eval_dataset,
         eval_split=plan.eval_split, eval_rows=len(x), threads=cfg.threads, seconds=0.0,
         perplexity_increase=increase, max_perplexity_increase=cfg.max_perplexity_increase if plan.lm else None,
+        rmse_increase=rmse_increase,
+        max_rmse_increase=cfg.max_rmse_increase if rmse_increase is not None else None,
     )
     if passed:
         meta = {
@@ -191,7 +212,8 @@ def optimize(cfg: OptimizeConfig, plan: OptimizePlan) -> OptimizeResult:
             "source": {"checkpoint": plan.checkpoint, "step": loaded.meta.get("step"), "model_args": plan.model_args},
             "eval": {"dataset": cfg.eval_dataset, "split": plan.eval_split, "rows": len(x), "threads": cfg.threads},
             "report": {"before": result.before, "after": result.after, "accuracy_drop": drop,
-                       "max_accuracy_drop": cfg.max_accuracy_drop, "perplexity_increase": increase},
+                       "max_accuracy_drop": cfg.max_accuracy_drop, "perplexity_increase": increase,
+                       "rmse_increase": rmse_increase},
         }
         files = None
         if plan.lm is not None:

@@ -35,6 +35,7 @@ class ModelStats:
     throughput: float  # samples/s at batch THROUGHPUT_BATCH (language models: tokens/s at LM_THROUGHPUT_BATCH blocks)
     accuracy: float | None
     perplexity: float | None = None  # language models
+    rmse: float | None = None  # regressions, in the target's units
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,13 +63,19 @@ def best_seconds(fn: Callable[[], Any], repeats: int = 5, min_block_s: float = 0
 
 
 def accuracy(model, x: np.ndarray, y: np.ndarray, cols: Columns) -> float:
+    """A classifier's accuracy; a regression's RMSE in the target's units (see :func:`quality`)."""
     import torch
 
-    correct = 0
+    correct, squared = 0, 0.0
     with torch.inference_mode():
         for i in range(0, len(y), EVAL_BATCH):
-            logits = model(feature_tensor(x[i:i + EVAL_BATCH], cols))
-            correct += (logits.argmax(1).numpy() == y[i:i + EVAL_BATCH]).sum()
+            out = model(feature_tensor(x[i:i + EVAL_BATCH], cols)).float()
+            if cols.task == "regression":
+                squared += float(np.square(out.reshape(-1).double().numpy() - y[i:i + EVAL_BATCH]).sum())
+            else:
+                correct += (out.argmax(1).numpy() == y[i:i + EVAL_BATCH]).sum()
+    if cols.task == "regression":
+        return float(np.sqrt(squared / len(y))) * (cols.labels.std or 1.0)
     return float(correct) / len(y)
 
 
@@ -109,8 +116,9 @@ def measure(models: list[tuple[Any, dict[str, Any]]], x: np.ndarray, y: np.ndarr
             nonzeros=nonzeros,
             latency_ms=round(seconds_one * 1e3, 4),
             throughput=round(per_batch_units / seconds_batch, 1),
-            accuracy=None if lm is not None else round(accuracy(model, x, y, cols), 6),
+            accuracy=None if lm is not None or cols.task == "regression" else round(accuracy(model, x, y, cols), 6),
             perplexity=None if lm is None else round(perplexity(model, x, lm), 5),
+            rmse=round(accuracy(model, x, y, cols), 6) if lm is None and cols.task == "regression" else None,
         ))
     return stats
 
@@ -144,6 +152,10 @@ def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[dict[
     if lm:
         b, a = before["perplexity"], after["perplexity"]
         rows.append({"metric": "validation perplexity", "before": b, "after": a, "change": f"{100 * (a / b - 1):+.2f}%"})
+        return rows
+    if before.get("rmse") is not None:
+        b, a = before["rmse"], after["rmse"]
+        rows.append({"metric": "RMSE", "before": b, "after": a, "change": f"{100 * (a / b - 1):+.2f}%" if b else "-"})
         return rows
     drop = 100 * (before["accuracy"] - after["accuracy"])
     rows.append({"metric": "accuracy (%)", "before": round(100 * before["accuracy"], 2),

@@ -54,14 +54,18 @@ def _refuse_lm_only_options(cfg: TrainConfig) -> None:
 def prepare_training(cfg: TrainConfig) -> TrainPlan:
     """Check the dataset, model and checkpoints before any rank starts; writes nothing."""
     ds = Dataset.open(cfg.dataset, cfg.storage_options)
-    task = resolve_task(ds, cfg.task, cfg.label_column)
+    task = resolve_task(ds, "classify" if cfg.task == "classification" else cfg.task, cfg.label_column)
     meta = ds.manifest.metadata
     lm = lm_spec(ds, cfg.feature_column, cfg.seq_len) if task == "causal-lm" else None
     if lm is None:
         _refuse_lm_only_options(cfg)
-    cols = Columns(lm.column, None, None, None) if lm else resolve_columns(ds, cfg.feature_column, cfg.label_column)
+    cols = Columns(lm.column, None, None, None) if lm else resolve_columns(
+        ds, cfg.feature_column, cfg.label_column, cfg.feature_columns, cfg.task, cfg.normalize)
+    if not lm:
+        task = cols.task
     name = default_model(meta, task) if cfg.model == "auto" else cfg.model
-    size = data_size(meta, (lm.seq_len,) if lm else cols.shape, task)
+    classes = cols.labels.classes if cols.labels is not None and task == "classify" else None
+    size = data_size(meta, (lm.seq_len,) if lm else cols.shape, task, len(classes) if classes else None)
     args = model_arguments(name, None if is_hf(name) else resolve_factory(name), size, cfg.model_args)
     if lm and name == "gpt" and "seq_len" not in cfg.model_args:
         args["seq_len"] = lm.seq_len
@@ -103,7 +107,9 @@ def _check_forward(model, ds: Dataset, cols: Columns, name: str, size) -> None:
     """One batch of the train split through the model on the driver (see tasks.models.sizing)."""
     table = ds.read_shard(ds.shards("train")[0]).slice(0, 64)
     x, y = to_arrays(table, cols)
-    check_sizes(model, name, size, feature_tensor(x, cols), y, what=f"column {cols.feature!r} of {ds.url!r}")
+    what = f"feature columns {', '.join(cols.table.names)} of {ds.url!r}" if cols.table else \
+        f"column {cols.feature!r} of {ds.url!r}"
+    check_sizes(model, name, size, feature_tensor(x, cols), y, what=what)
 
 
 class PrefectReporter:

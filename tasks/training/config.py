@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.fields import NameList
 from tasks.storage_access import StorageAccess
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
@@ -17,11 +18,18 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    task: Literal["auto", "classify", "causal-lm"] = Field(
-        "auto", description="classify | causal-lm | auto (causal-lm for text datasets and token datasets without labels)")
+    task: Literal["auto", "classification", "regression", "classify", "causal-lm"] = Field(
+        "auto", description="classification | regression | causal-lm | auto (causal-lm for text datasets and token "
+                            "datasets without labels, regression for a float label, else classification)")
     model: str = Field("auto", description="mlp | cnn | transformer | gpt | hf:FOLDER_URL | MODULE:FACTORY | auto (by dataset kind)")
     model_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model factory")
-    feature_column: str | None = Field(None, description="Input column (default: from the dataset's metadata)")
+    feature_column: str | None = Field(None, description="One input column as it is, e.g. a fixed-size list (default: "
+                                                           "from the dataset's metadata)")
+    feature_columns: NameList = Field(
+        default_factory=list, description="Table columns assembled into the input: names or globs, comma-separated "
+                                          "or repeated (default: every numeric or categorical column but the label)")
+    normalize: Literal["standard", "none"] = Field(
+        "standard", description="Table features: standardise numeric columns with the train split's mean and std")
     label_column: str | None = Field(None, description="Label column (default: from the metadata, else 'label')")
     epochs: int = Field(15, ge=1, le=100_000, description="Passes over the training split")
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Per-rank batch size")

@@ -23,19 +23,50 @@ from storage.dataset import Dataset
 from storage.errors import ConfigError
 from storage.sources import SHAPE_KEY
 from tasks.models.sizing import shape_record
+from tasks.tables.encoding import FEATURES, FeatureEncoding, LabelEncoding
+from tasks.tables.select import feature_encoding, label_encoding, label_task
 
 
 @dataclass(frozen=True)
 class Columns:
-    feature: str
+    feature: str  # the model input's batch key: a dataset column, or FEATURES for assembled table columns
     label: str | None  # None: a causal LM's token column alone
     shape: tuple[int, ...] | None
     scale: float | None
+    table: FeatureEncoding | None = None  # table columns assembled into the input (tasks.tables)
+    labels: LabelEncoding | None = None  # labels to class ids or standardised targets
     image: dict[str, Any] | None = None  # image files: the manifest's ``image`` record (see tasks.images)
 
+    @property
+    def task(self) -> str:
+        return self.labels.task if self.labels else "classify"
 
-def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Columns:
-    """The input and label columns, checked against the schema, with a clear error."""
+    @property
+    def read(self) -> list[str]:
+        """The dataset columns a batch needs."""
+        inputs = self.table.names if self.table else [self.feature]
+        return inputs + ([self.label] if self.label else [])
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records, for inference and serving to encode alike."""
+        return {"feature": self.feature, "label": self.label, "shape": list(self.shape) if self.shape else None,
+                "scale": self.scale, "features": self.table.to_json() if self.table else None,
+                "labels": self.labels.to_json() if self.labels else None, "task": self.task,
+                **({"image": self.image} if self.image else {})}
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any], label: str | None = "") -> "Columns":
+        shape = doc.get("shape")
+        return cls(doc.get("feature") or "input", doc.get("label") if label == "" else label,
+                   tuple(shape) if shape else None, doc.get("scale"),
+                   FeatureEncoding.from_json(doc["features"]) if doc.get("features") else None,
+                   LabelEncoding.from_json(doc.get("labels")), doc.get("image"))
+
+
+def resolve_columns(ds: Dataset, feature: str | None, label: str | None, feature_columns: list[str] | None = None,
+                    task: str = "auto", normalize: str = "standard") -> Columns:
+    """The input and label columns and their encodings, checked against the schema and the
+    manifest's column statistics, with a clear error."""
     meta = ds.manifest.metadata
     schema = ds.schema
     label = label or meta.get("label") or "label"
@@ -45,22 +76,27 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Colu
             f"dataset {ds.url!r} has no label column {label!r} (columns: {', '.join(names)}); "
             "pass --label-column"
         )
-    if not (pa.types.is_integer(schema.field(label).type)):
+    stats = meta.get("column_stats")
+    where = f"dataset {ds.url!r}"
+    task = label_task(schema, label, task) if stats is not None else "classify"
+    labels = label_encoding(schema, stats, label, task, where)
+    if labels is None and not pa.types.is_integer(schema.field(label).type):
         raise ConfigError(f"label column {label!r} of {ds.url!r} is {schema.field(label).type}; an integer class id is needed")
-    feature = feature or meta.get("feature")
+    patterns = list(feature_columns or [])
+    if feature is None and len(patterns) == 1 and patterns[0] in names and _is_vector(schema.field(patterns[0]).type):
+        feature, patterns = patterns[0], []  # one fixed-size list: the model input as it is
+    feature = feature or (None if patterns else meta.get("feature"))
     if feature is None:
         others = [n for n in names if n != label]
-        if len(others) != 1:
-            raise ConfigError(
-                f"dataset {ds.url!r} does not say which column is the input (columns: {', '.join(names)}); "
-                "pass --feature-column"
-            )
+        if patterns or not (len(others) == 1 and _is_vector(schema.field(others[0]).type)):
+            table = feature_encoding(schema, stats, patterns, label, normalize, where)
+            return Columns(FEATURES, label, (table.width,), None, table, labels)
         feature = others[0]
     if feature not in names:
         raise ConfigError(f"dataset {ds.url!r} has no feature column {feature!r} (columns: {', '.join(names)})")
+    if meta.get("kind") == "images" and feature == meta.get("feature"):  # image files (tasks.images)
+        return Columns(feature, label, tuple(meta["shape"]), None, None, labels, image=meta["image"])
     ftype = schema.field(feature).type
-    if meta.get("kind") == "images" and feature == meta.get("feature"):
-        return Columns(feature, label, tuple(meta["shape"]), None, image=meta["image"])
     numeric = pa.types.is_integer(ftype) or pa.types.is_floating(ftype)
     if pa.types.is_fixed_size_list(ftype):
         numeric = pa.types.is_integer(ftype.value_type) or pa.types.is_floating(ftype.value_type)
@@ -72,7 +108,11 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None) -> Colu
     if shape is None and (schema.field(feature).metadata or {}).get(SHAPE_KEY):
         shape = json.loads(schema.field(feature).metadata[SHAPE_KEY])
     shape = shape_record(shape, ftype)  # recorded in every checkpoint: what Swarm trains, Swarm serves
-    return Columns(feature, label, tuple(shape), meta.get("scale"))
+    return Columns(feature, label, tuple(shape), meta.get("scale"), None, labels)
+
+
+def _is_vector(ftype: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(ftype) or pa.types.is_list(ftype)
 
 
 def feature_array(table: pa.Table, feature: str) -> np.ndarray:
@@ -97,11 +137,28 @@ def image_input(table: pa.Table, feature: str, image: dict[str, Any]) -> np.ndar
 
 
 def to_arrays(table: pa.Table, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
-    """Feature matrix (rows, ...) and labels as NumPy, zero-copy where the layout allows
-    (images decoded and normalised as for validation)."""
-    x = feature_array(table, cols.feature) if cols.image is None else image_input(table, cols.feature, cols.image)
-    y = table.column(cols.label).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return x, y
+    """Feature matrix (rows, ...) and labels (class ids or standardised targets) as NumPy,
+    zero-copy where the layout allows (images decoded and normalised as for validation)."""
+    if cols.image is not None:
+        x = image_input(table, cols.feature, cols.image)
+    else:
+        x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
+    if cols.labels is not None:
+        return x, cols.labels.encode(table.column(cols.label))
+    return x, table.column(cols.label).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def batch_encoder(cols: Columns):
+    """The loader's batch transform for table columns: the assembled input and the encoded labels."""
+    table, labels, label = cols.table, cols.labels, cols.label
+
+    def transform(arrays: dict[str, Any]) -> dict[str, Any]:
+        out = {FEATURES: table.encode(arrays)}
+        if label:
+            out[label] = labels.encode(arrays[label]) if labels else arrays[label]
+        return out
+
+    return transform
 
 
 def feature_tensor(x: np.ndarray, cols: Columns):
@@ -162,11 +219,21 @@ def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, 
     from storage.prefetch import Prefetcher
 
     cuda = getattr(device, "type", "cpu") == "cuda"
-    gather = "host" if cols.image is not None else gather  # images are decoded on the host
+    encode_labels = None if cols.labels is None or cols.labels.identity else cols.labels.encode
+    if cols.table is not None or encode_labels is not None or cols.image is not None:
+        gather = "host"  # the encodings run on the host's batches; images are decoded there
     on_device = gather == "device" or (gather == "auto" and cuda)
+    if cols.table is not None:
+        transforms, batch_transform = {}, batch_encoder(cols)
+    else:
+        transforms = {} if on_device else {cols.feature: feature_transform(cols, split, cfg.seed)}
+        if encode_labels is not None:
+            transforms[cols.label] = encode_labels
+        batch_transform = None
     ds = StreamingDataset(
         cfg.dataset, split=split, batch_size=batch_size, seed=cfg.seed, shuffle=shuffle, drop_last=drop_last,
-        columns=[c for c in (cols.feature, cols.label) if c], transforms={} if on_device else {cols.feature: feature_transform(cols, split, cfg.seed)},
+        columns=cols.read, transforms=transforms, batch_transform=batch_transform,
+        arrow_columns=cols.table.arrow_columns if cols.table else None,
         rank=rank, world_size=world_size, storage_options=cfg.storage_options,
     )
     loader = Prefetcher(ds, device=device if cuda or on_device else None, depth=2, gather=gather,

@@ -26,6 +26,9 @@ def curves_png(history: list[dict]) -> bytes:
         ax2.set_yscale("log")
         ax2.set_ylabel("perplexity")
         ax2.legend()
+    elif "val_rmse" in history[-1]:  # a regression: RMSE in the target's units
+        ax2.plot(epochs, [h.get("val_rmse") for h in history], color="tab:green")
+        ax2.set_ylabel("RMSE (val)")
     else:
         ax2.plot(epochs, [h.get("val_acc") if h.get("val_acc") is not None else h["train_acc"] for h in history],
                  color="tab:green")

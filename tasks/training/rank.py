@@ -24,8 +24,8 @@ from tasks.training.config import TrainConfig
 from tasks.training.data import Columns, split_loader, train_loader
 from tasks.training.lm import LMSpec, lm_forward, step_loss
 from tasks.training.schedule import OptimizerSteps
-from tasks.training.step import (Capture, TrainStep, classification_loss, make_optimizer, resolve_capture,
-                                 use_channels_last)
+from tasks.training.evaluate import evaluate as evaluate_split, metric_row
+from tasks.training.step import Capture, TrainStep, make_optimizer, resolve_capture, task_loss, use_channels_last
 
 
 class Reporter(Protocol):
@@ -193,9 +193,7 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
     tensors.update(opt_tensors)
     meta = {
         "model": {"name": job.model_name, "args": job.model_args},
-        "columns": {"feature": job.columns.feature, "label": job.columns.label,
-                    "shape": list(job.columns.shape) if job.columns.shape else None, "scale": job.columns.scale,
-                    **({"image": job.columns.image} if job.columns.image else {})},
+        "columns": job.columns.record(),
         "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets, "layers": lora_layers}
         if cfg.lora_rank else None,
         "epoch": epoch,
@@ -218,34 +216,10 @@ def save_checkpoint(job: RankJob, model, optimizer, scaler, step: int, epoch: in
 def model_record(job: RankJob, model) -> dict[str, Any]:
     """What a language model's checkpoint adds for generation: the task, tokenizer, ids,
     context, and for an hf: model its source and architecture (see the data contract)."""
-    record: dict[str, Any] = job.lm.checkpoint_meta() if job.lm else {"task": "classify"}
+    record: dict[str, Any] = job.lm.checkpoint_meta() if job.lm else {"task": job.columns.task}
     if hasattr(model, "describe"):
         record["hf"] = model.describe()
     return record
-
-
-def _evaluate(model, val, job: RankJob, device, autocast) -> tuple[float, float]:
-    """Loss and accuracy over a split: each rank scores its share once, sums across ranks."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # summed on the device, read once
-    feature, label = job.columns.feature, job.columns.label
-    with torch.no_grad():
-        for batch in val:
-            xb, yb = batch[feature].to(device), batch[label].to(device)
-            with autocast():
-                logits = model(xb)
-            totals += torch.stack([F.cross_entropy(logits.float(), yb, reduction="sum").double(),
-                                   (logits.argmax(1) == yb).sum().double(),
-                                   yb.new_full((), len(yb), dtype=torch.float64)])  # a fill, not a copy
-    if job.world_size > 1:
-        dist.all_reduce(totals)
-    model.train()
-    loss, correct, count = totals.tolist()
-    return loss / count, correct / count
 
 
 def train_rank(job: RankJob, reporter: Reporter | None = None) -> RankResult:
@@ -328,7 +302,7 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
         lm_rates = lm_throughput(model, lm, device, cfg.threads_per_rank) if lm else None
         checkpoint_url = latest
         train_step = None if lm else TrainStep(
-            model, net, optimizer, classification_loss(job.columns.feature, job.columns.label),
+            model, net, optimizer, task_loss(job.columns.task, job.columns.feature, job.columns.label),
             device=device, capture=capture, amp_dtype=amp_dtype, scaler=scaler)
         key = gang_key(cfg)
         for epoch in range(start_epoch, cfg.epochs):
@@ -383,7 +357,7 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
                 seen = sums.get("count", 0.0)
             elapsed = time.perf_counter() - t_epoch
             stats = loader.stats
-            val_loss = val_acc = None
+            val_loss = scores = None
             if lm is not None:
                 from tasks.training.lm_data import evaluate, history_row
 
@@ -397,13 +371,12 @@ def _train_rank(job: RankJob, reporter: Reporter | None) -> RankResult:
                     epoch + 1, totals[0].item(), totals[1].item(), val_loss, seen * lm.data_seq_len * job.world_size,
                     elapsed, stats.stall_s, *lm_rates, job.world_size, seen * job.world_size, steps.lr, stats.hit_rate))
             elif val is not None:
-                val_loss, val_acc = _evaluate(model, val, job, device, autocast)
+                scores = evaluate_split(model, val, job.columns, job.world_size, device, autocast)
             row = history[-1] if lm is not None else {
                 "epoch": epoch + 1,
                 **{f"train_{name}": round(value / max(1.0, seen), 5) for name, value in sums.items()
                    if name not in ("count", "steps")},
-                "val_loss": None if val_loss is None else round(val_loss, 5),
-                "val_acc": None if val_acc is None else round(val_acc, 5),
+                **metric_row(scores, job.columns.task == "regression"),
                 "samples_per_s": round(seen * job.world_size / max(elapsed, 1e-9), 1),
                 "data_stall_share": round(stats.stall_s / max(elapsed, 1e-9), 4),
                 "cache_hit_rate": stats.hit_rate,

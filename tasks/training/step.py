@@ -60,6 +60,24 @@ def classification_loss(feature: str, label: str) -> LossFn:
     return loss_fn
 
 
+def regression_loss(feature: str, label: str) -> LossFn:
+    """Mean squared error on one (standardised) target: the loss sum and the count."""
+
+    def loss_fn(model, batch):
+        x, y = batch[feature], batch[label]
+        pred = model(x).float().reshape(y.shape)
+        loss = F.mse_loss(pred, y.float())
+        n = int(y.shape[0])
+        return loss, {"loss": loss.detach() * n, "count": n}
+
+    return loss_fn
+
+
+def task_loss(task: str, feature: str, label: str) -> LossFn:
+    """The loss of a classifier or of a regression."""
+    return regression_loss(feature, label) if task == "regression" else classification_loss(feature, label)
+
+
 def is_convolutional(model: torch.nn.Module) -> bool:
     return any(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
 

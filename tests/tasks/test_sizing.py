@@ -29,7 +29,8 @@ def vector_dataset(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5)
-    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "label": y})
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "label": y,
+                      "binary": (y > 0).astype(np.int64)})
     pq.write_table(table, tmp_path / "v.parquet")
     stage_plain(source=str(tmp_path / "v.parquet"), dest=str(tmp_path / "ds"), val_fraction=0.2)
     return str(tmp_path / "ds")
@@ -47,8 +48,8 @@ def test_user_factory_gets_the_data_sizes_it_names():
 
 def test_fixed_size_list_model_records_its_shape_and_serves(vector_dataset, tmp_path):
     """Bug: a plain fixed-size list stored ``shape: null`` and serving refused the model."""
-    cfg = TrainConfig(dataset=vector_dataset, epochs=1, batch_size=16, checkpoint_dir=str(tmp_path / "ck"),
-                      model="tests.tasks.test_sizing:factory_with_sizes", model_args={"num_classes": 3})
+    cfg = TrainConfig(dataset=vector_dataset, epochs=1, feature_columns=["x"], batch_size=16, checkpoint_dir=str(tmp_path / "ck"),
+                      model="tests.tasks.test_sizing:factory_with_sizes")
     plan = prepare_training(cfg)
     assert plan.model_args == {"in_features": 6, "num_classes": 3}
     result = train_rank(RankJob(cfg, plan.model_name, plan.model_args, plan.columns))
@@ -60,13 +61,25 @@ def test_fixed_size_list_model_records_its_shape_and_serves(vector_dataset, tmp_
     assert spec.width == 6
 
 
+def test_two_class_table_trains_a_two_class_head(tmp_path):
+    """Bug: a 2-class table (no num_classes in its metadata) trained the MLP's default 10-class head."""
+    rows = "\n".join(f"{i % 7},{(i * 3) % 5},{i % 2}" for i in range(40))
+    (tmp_path / "t.csv").write_text("a,b,label\n" + rows + "\n")
+    stage_plain(source=str(tmp_path / "t.csv"), dest=str(tmp_path / "ds"))
+    plan = prepare_training(TrainConfig(dataset=str(tmp_path / "ds"), checkpoint_dir=str(tmp_path / "ck"), batch_size=8))
+    assert plan.model_args == {"in_features": 2, "num_classes": 2}
+
+
 def test_mismatch_is_one_line_naming_both_numbers(vector_dataset, tmp_path):
     def prepare(**kw):
-        return prepare_training(TrainConfig(dataset=vector_dataset, checkpoint_dir=str(tmp_path / "never"), **kw))
+        return prepare_training(TrainConfig(dataset=vector_dataset, checkpoint_dir=str(tmp_path / "never"),
+                                            feature_columns=["x"], **kw))
 
     with pytest.raises(ConfigError, match="takes 13 input values per row, the data has 6") as info:
         prepare(model="mlp", model_args={"in_features": 13})
     assert "\n" not in str(info.value)
-    with pytest.raises(ConfigError, match="label 2 of .* is outside the model's 2 classes"):
+    with pytest.raises(ConfigError, match="gives 2 outputs per row, but the labels .* have 3 classes"):
         prepare(model="mlp", model_args={"num_classes": 2})
+    with pytest.raises(ConfigError, match="gives 3 outputs per row, but the labels .* have 2 classes"):
+        prepare(model="tests.tasks.test_sizing:factory_without_sizes", label_column="binary")
     assert not (tmp_path / "never").exists()

@@ -74,7 +74,11 @@ def test_csv_jsonl_and_numpy_sources(tmp_path):
     ds = Dataset.open(str(tmp_path / "npz"))
     got = np.stack(ds.read_table().column("image").to_numpy(zero_copy_only=False)).reshape(40, 3, 4)
     assert np.array_equal(got, images)
+    stats = ds.manifest.metadata.pop("column_stats")  # per-column statistics of the train split (tasks.tables)
     assert ds.manifest.metadata == {"label": "label", "feature": "image", "shape": [3, 4]}
+    assert stats == {"label": {"kind": "numeric", "count": 40, "mean": 19.5, "std": stats["label"]["std"], "min": 0.0,
+                               "max": 39.0, "nulls": 0, "values": list(range(40))}}
+    assert abs(stats["label"]["std"] - np.arange(40).std()) < 1e-9
     stage_plain(source=str(tmp_path / "plain.npy"), dest=str(tmp_path / "npy"), shard_size=100)
     col = Dataset.open(str(tmp_path / "npy")).read_table().column("data")
     assert np.array_equal(np.stack(col.to_numpy(zero_copy_only=False)).reshape(40, 3, 4), images)

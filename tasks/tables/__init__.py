@@ -1,0 +1,1 @@
+"""Tables as users bring them: per-column statistics at staging, features and labels encoded from them."""
