@@ -11,7 +11,8 @@ A source of images is, on any fsspec URL:
 
 Images are ``.jpg``, ``.jpeg``, ``.png`` and ``.webp`` files (any case); names starting with
 a dot are skipped. Classes are the sorted names (``sorted()``, as ``ImageFolder``; labels that
-are all numbers sort as numbers), a class id is its index. Files are read in sorted order.
+are all numbers sort as numbers), a class id is its index. Staging reads the files in a
+seeded random order (:meth:`ImageListing.shuffled`), so that every shard mixes the classes.
 
 Each row of the staged table is ``image`` (the file's bytes, or with ``decode`` its pixels),
 ``label`` (the class id) and ``path`` (the file, relative to the root). Every image is
@@ -61,6 +62,14 @@ class ImageListing:
     classes: list[str]
     sizes: list[int] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
+
+    def shuffled(self, seed: int) -> "ImageListing":
+        """The files in a seeded random order: folders list one class after another, and shards
+        (and the loader's shuffle windows within them) would otherwise hold one class each."""
+        order = np.random.default_rng(seed).permutation(len(self.paths)).tolist()
+        pick = lambda values: [values[i] for i in order]  # noqa: E731
+        return ImageListing(self.url, self.root, pick(self.paths), pick(self.names), pick(self.labels), self.classes,
+                            pick(self.sizes), pick(self.versions))
 
     def fingerprint(self, options: dict) -> str:
         body = json.dumps([self.url, self.paths, self.labels, self.classes, self.sizes, self.versions, options],

@@ -64,6 +64,7 @@ def inspect(config: Any, unit_bytes: int):
     metadata = {"kind": IMAGES, "feature": IMAGE_COLUMN, "label": LABEL_COLUMN, "path": PATH_COLUMN,
                 "classes": listing.classes, "num_classes": len(listing.classes), "shape": [3, size, size],
                 "image": image}
+    listing = listing.shuffled(getattr(config, "seed", 0))
     units = image_sources.units(listing, unit_bytes, decode)
     fp = listing.fingerprint({"decode": decode, "image_size": size, "skip_bad": getattr(config, "skip_bad", False)})
     return image_sources.schema(decode), units, len(listing.paths), sum(listing.sizes), metadata, fp

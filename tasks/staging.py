@@ -59,7 +59,7 @@ class StageOptions(BaseModel):
         "64MB", validate_default=True, description="Target decoded bytes per shard (e.g. 64MB, 1GiB)")
     shard_format: ShardFormat = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
-    seed: int = Field(0, ge=0, description="Seed of the train/val split")
+    seed: int = Field(0, ge=0, description="Seed of the train/val split (and of the order image files are staged in)")
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> "StageOptions":

@@ -48,6 +48,8 @@ def test_image_folder_bad_file_named_then_skipped_and_cnn_trains(tmp_path):
     assert by_path["dog/003.png"] == files["dog/003.png"]  # the file's own bytes
     labels = dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
     assert labels["cat/001.png"] == 0 and labels["dog/002.jpg"] == 1
+    first = ds.read_shard(ds.shards("train")[0]).column("label").to_pylist()
+    assert set(first[: len(first) // 2]) == {0, 1}  # files staged in a seeded random order: classes mixed
 
     plan, trained = _train(str(dest), tmp_path)
     assert plan.model_name == "cnn"
