@@ -70,9 +70,11 @@ def feature_encoding(schema: pa.Schema, stats: dict[str, Any] | None, patterns: 
     return FeatureEncoding(tuple(columns), normalize)
 
 
-def label_task(schema: pa.Schema, label: str, asked: str) -> str:
+def label_task(schema: pa.Schema, label: str, asked: str, entry: dict[str, Any] | None = None) -> str:
     """``classify`` or ``regression``: the one asked for (checked against the label's type), else
-    the label's (floats are targets)."""
+    the label's (floats are targets). An integer label whose distinct values are more than half
+    its train rows (a float target written to CSV reads back as integers) is not guessed: the
+    error asks for ``--task``."""
     typ = schema.field(label).type
     numeric_float = pa.types.is_floating(typ) or pa.types.is_decimal(typ)
     if asked == "regression":
@@ -85,7 +87,15 @@ def label_task(schema: pa.Schema, label: str, asked: str) -> str:
             raise ConfigError(f"label column {label!r} is {typ}; classes need integers or strings "
                               "(a float label is a regression target: --task regression)")
         return "classify"
-    return "regression" if numeric_float else "classify"
+    if numeric_float:
+        return "regression"
+    values = (entry or {}).get("values")
+    count = (entry or {}).get("count") or 0
+    if pa.types.is_integer(typ) and count and (values is None or len(values) > max(20, count // 2)):
+        distinct = f"{len(values)}" if values is not None else f"more than {MAX_CATEGORIES}"
+        raise ConfigError(f"label column {label!r} holds integers with {distinct} distinct values in {count} train rows: "
+                          "a regression target, or classes? Pass --task regression or --task classification")
+    return "classify"
 
 
 def label_encoding(schema: pa.Schema, stats: dict[str, Any] | None, label: str, task: str,

@@ -78,7 +78,7 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None, feature
         )
     stats = meta.get("column_stats")
     where = f"dataset {ds.url!r}"
-    task = label_task(schema, label, task) if stats is not None else "classify"
+    task = label_task(schema, label, task, stats.get(label)) if stats is not None else "classify"
     labels = label_encoding(schema, stats, label, task, where)
     if labels is None and not pa.types.is_integer(schema.field(label).type):
         raise ConfigError(f"label column {label!r} of {ds.url!r} is {schema.field(label).type}; an integer class id is needed")

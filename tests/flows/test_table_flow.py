@@ -10,7 +10,7 @@ from storage.dataset import Dataset
 from tasks.inference.config import ServeConfig
 from tasks.inference.server import BackgroundServer
 from tasks.splits import split_mask
-from tests.byod_tables import breast_cancer_table, wine_table, write
+from tests.byod_tables import breast_cancer_table, diabetes_table, wine_table, write
 from tests.conftest import run_cli, stage_plain
 
 
@@ -86,3 +86,17 @@ def test_lifecycle_on_a_two_class_table_trains_a_two_class_head(dask_cluster, tm
     assert result.trained.model_args == {"in_features": 30, "num_classes": 2}
     assert result.trained.val_acc >= 0.9
     assert result.predicted.rows == 569
+
+
+def test_regression_reports_rmse_and_optimize_gates_on_it(dask_cluster, tmp_path):
+    data, ck = str(tmp_path / "ds"), str(tmp_path / "ck")
+    stage_plain(source=write(diabetes_table(), tmp_path / "diabetes", "csv"), dest=data, val_fraction=0.2)
+    proc = run_cli("train", data, "--label-column", "target", "--epochs", "5", "--batch-size", "32",
+                   "--checkpoint-dir", ck, "--task", "regression")  # CSV wrote the float target as integers
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "validation RMSE / MAE" in text and "validation R²" in text and "'num_classes': 1" in text
+    proc = run_cli("optimize", ck, "--eval", data, "--output", str(tmp_path / "pruned"), "--prune", "0.95",
+                   "--max-rmse-increase", "0.01")
+    _one_line_error(proc, "quality gate: RMSE rose", "--max-rmse-increase")
+    assert not (tmp_path / "pruned").exists()

@@ -104,7 +104,7 @@ def test_regression_reports_rmse_and_r2_and_optimize_gates_on_rmse(tmp_path):
 
 def test_bad_table_input_is_refused_before_anything_is_written(tmp_path):
     rows = MAX_CATEGORIES + 200
-    table = pa.table({"x": np.arange(rows, dtype=np.float64), "name": [f"n{i}" for i in range(rows)],
+    table = pa.table({"x": np.arange(rows, dtype=np.int64), "name": [f"n{i}" for i in range(rows)],
                       "label": ["a" if i % 2 else "b" for i in range(rows)], "one": ["same"] * rows,
                       "y": np.linspace(0, 1, rows)})
     stage_plain(source=write(table, tmp_path / "t", "parquet"), dest=str(tmp_path / "ds"))
@@ -123,6 +123,8 @@ def test_bad_table_input_is_refused_before_anything_is_written(tmp_path):
         prepare(task="regression")
     with pytest.raises(ConfigError, match="label column 'y' is double; classes need integers or strings"):
         prepare(label_column="y", task="classification")
+    with pytest.raises(ConfigError, match="'x' holds integers with more than 1000 distinct values .* Pass --task"):
+        prepare(label_column="x", feature_columns=["y"])
     assert not (tmp_path / "never").exists()
 
 
