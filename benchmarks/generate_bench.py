@@ -11,6 +11,11 @@ sequence would end it.
 - online, ours: the engine's background loop; ``--clients`` (32) closed-loop client threads,
   each submitting its next request when its last one finished. Throughput = useful output
   tokens / wall time; time to first token per request (p50, p99).
+- online over HTTP: the same workload through ``swarm serve-model``'s OpenAI-compatible app
+  (:mod:`tasks.generation.http`, a server on loopback in this process over the model saved
+  as an ``hf:`` folder) from ``--clients`` closed-loop streaming clients in a separate
+  process (``benchmarks/generate_http_clients.py``); time to first token as the clients see
+  it, and the tokens checked equal to the engine's own (greedy). ``--skip http`` leaves it out.
 - static: ``model.generate()`` (greedy, its own KV cache) over left-padded batches of
   ``--clients`` requests in arrival order; a batch runs until its longest request's length
   and only each request's own tokens count (the rest is padding work a static batch pays).
@@ -122,7 +127,37 @@ def ours_online(model, work, args) -> dict:
     tokens = sum(len(r.tokens) for r in results.values())
     ttft = [r.ttft_s for r in results.values()]
     return rates(tokens, timer, ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
-                 peak_kv_blocks=engine.pool.peak_used, occupancy=list(engine.metrics.occupancy))
+                 peak_kv_blocks=engine.pool.peak_used, occupancy=list(engine.metrics.occupancy),
+                 outputs=[results[i].tokens for i in range(len(work))])
+
+
+def ours_http(model, work, args, expected: list[list[int]] | None = None) -> dict:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tasks.inference.config import ServeConfig
+    from tasks.inference.server import BackgroundServer
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        config = ServeConfig(model=f"hf:{folder}", port=0, kv_pool_tokens=args.clients * 512, kv_block_size=16,
+                             max_batch_size=args.clients, max_waiting=4096, max_tokens_per_step=args.step_tokens)
+        with BackgroundServer(config) as srv, Timer() as timer:
+            job = json.dumps({"url": srv.url, "clients": args.clients, "work": work})
+            env = {**os.environ, "PYTHONPATH": os.getcwd()}
+            done = subprocess.run([sys.executable, "benchmarks/generate_http_clients.py"], input=job, env=env,
+                                  capture_output=True, text=True, check=True)
+            stats = srv.service.engine.stats()
+    answer = json.loads(done.stdout)
+    results = answer["results"]
+    timer.wall = answer["wall_s"]   # from the first request to the last answer: not the client's start-up
+    if expected is not None:
+        assert [r["tokens"] for r in results] == expected, "the HTTP answers differ from the engine's"
+    ttft = [r["ttft_s"] for r in results]
+    return rates(sum(len(r["tokens"]) for r in results), timer, ttft_p50_s=percentile(ttft, 50),
+                 ttft_p99_s=percentile(ttft, 99), peak_kv_blocks=stats["kv_pool"]["peak_blocks_used"])
 
 
 @torch.no_grad()
@@ -184,7 +219,8 @@ def plot(figures: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [(k, label) for k, label in (("online_ours", "ours (online)"), ("static", "generate() static"),
+    modes = [(k, label) for k, label in (("online_ours", "ours (online)"), ("online_http", "ours (HTTP)"),
+                                         ("static", "generate() static"),
                                          ("sequential", "generate() 1 at a time"),
                                          ("hf_continuous", "generate_batch"), ("offline_ours", "ours (offline)"),
                                          ("offline_static", "generate() static\n(offline)")) if k in figures]
@@ -221,7 +257,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: sequential,hf_cb,offline")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: http,sequential,hf_cb,offline")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plot", default="benchmarks/generate_bench.png")
     parser.add_argument("--sequential-requests", type=int, default=16,
@@ -239,7 +275,12 @@ def main() -> None:
     ours_online(model, [(p, 8) for p, _ in warm], args)
     hf_static(model, [(p, 8) for p, _ in warm], len(warm))
     figures["online_ours"] = ours_online(model, work, args)
-    print("online ours:", {k: v for k, v in figures["online_ours"].items() if k != "occupancy"}, flush=True)
+    print("online ours:", {k: v for k, v in figures["online_ours"].items() if k not in ("occupancy", "outputs")},
+          flush=True)
+    if "http" not in skip:
+        ours_http(model, [(p, 8) for p, _ in warm], args)
+        figures["online_http"] = ours_http(model, work, args, expected=figures["online_ours"]["outputs"])
+        print("online ours over HTTP:", figures["online_http"], flush=True)
     figures["static"] = hf_static(model, work, args.clients)
     print("generate() static batches:", figures["static"], flush=True)
     if "sequential" not in skip:
@@ -271,6 +312,11 @@ def main() -> None:
         "online_vs_static_cpu": ratio("online_ours", "static", "tokens_per_cpu_s"),
         "online_vs_sequential_cpu": ratio("online_ours", "sequential", "tokens_per_cpu_s"),
         "offline_vs_static_cpu": ratio("offline_ours", "offline_static", "tokens_per_cpu_s"),
+        "http_vs_engine_online": ratio("online_http", "online_ours"),
+        "http_vs_static": ratio("online_http", "static"),
+        "http_ttft_p99_over_p50": (round(figures["online_http"]["ttft_p99_s"] / figures["online_http"]["ttft_p50_s"], 2)
+                                   if "online_http" in figures else None),
+        "http_vs_engine_online_cpu": ratio("online_http", "online_ours", "tokens_per_cpu_s"),
         "online_tokens_per_s": round(on["tokens_per_s"], 1),
         "ttft_p50_s": round(on["ttft_p50_s"], 3),
         "ttft_p99_s": round(on["ttft_p99_s"], 3),
@@ -279,7 +325,7 @@ def main() -> None:
     plot(figures, args.plot)
     print(f"plot: {args.plot}")
     for key, value in summary.items():
-        if key.endswith(("_static", "_sequential", "_continuous", "_contiguous", "_p50", "_cpu")):
+        if key.endswith(("_static", "_sequential", "_continuous", "_contiguous", "_p50", "_cpu", "_online")):
             print(f"{key}: {value}")
     print(json.dumps(summary))
 

@@ -179,14 +179,18 @@ def _serve_model(app: typer.Typer) -> None:
     @config_command(app, "serve-model", [Section.of("config", ServeConfig)], arguments=("model",),
                     aliases=("serve",))
     def serve_model(config: dict) -> None:
-        """Serve a model over HTTP: batched requests routed to replicas on Dask workers (or threads with
-        --in-process), until Ctrl-C or SIGTERM (drains first)."""
+        """Serve a model over HTTP until Ctrl-C or SIGTERM (drains first): a classifier's batched requests
+        routed to replicas on Dask workers (or threads with --in-process); a language model's generation
+        (OpenAI-compatible /v1/completions, streaming) by one continuous-batching engine."""
         from flows.summaries import print_served, print_serving
+        from tasks.generation.loading import is_language_model
         from tasks.inference.server import serve as run_server
 
         from deployments.cluster import with_serving_cluster
 
-        config = with_serving_cluster(ServeConfig(**config))
+        config = ServeConfig(**config)
+        if not is_language_model(config.model, config.storage_options):
+            config = with_serving_cluster(config)
         served = run_server(config, on_ready=lambda url, description: print_serving(config.model, url, description))
         print_served(served, config.max_batch_size)
 

@@ -34,13 +34,16 @@ def serve_endpoint(config: ServeConfig) -> ServedEndpoint:
 
     def ready(url: str, description: dict) -> None:
         placement = description.get("placement") or []
-        logger.info("serving %s at %s with %d replica(s)", config.model, url, description.get("replicas"))
+        logger.info("serving %s at %s with %s replica(s)", config.model, url, description.get("replicas", 1))
         lines = [f"- replica {p['replica']} on `{p['worker']}` (pid {p.get('pid')}, {p.get('device')})" for p in placement]
         artifacts.markdown("serving-endpoint", "\n".join([f"**{url}** serves `{config.model}`", *lines]),
                            description="Where the endpoint listens and where its replicas run")
 
     from deployments.cluster import with_serving_cluster
+    from tasks.generation.loading import is_language_model
 
-    served = serve(with_serving_cluster(config), on_ready=ready)
+    if not is_language_model(config.model, config.storage_options):   # a language model runs in this process
+        config = with_serving_cluster(config)
+    served = serve(config, on_ready=ready)
     logger.info("stopped after answering %d requests in %.1f s", served.answered, served.seconds)
     return ServedEndpoint(url=served.url, answered=served.answered, seconds=served.seconds)

@@ -219,8 +219,13 @@ def print_infer_summary(result) -> None:
 
 
 def print_serving(model: str, url: str, description: dict | None = None) -> None:
-    out.print(f"serving {model} at {url} (POST /predict, GET /health, GET /metrics); Ctrl-C to stop",
-              highlight=False, soft_wrap=True)
+    endpoints = ", ".join((description or {}).get("endpoints") or ["POST /predict", "GET /health", "GET /metrics"])
+    out.print(f"serving {model} at {url} ({endpoints}); Ctrl-C to stop", highlight=False, soft_wrap=True)
+    if (description or {}).get("kind") == "language-model":
+        pool = description["kv_pool"]
+        out.print(f"  generation engine on {description['device']}: context {description['context']}, KV pool "
+                  f"{pool['tokens_total']:,} tokens in blocks of {pool['block_size']} "
+                  f"({pool['bytes_total'] / 2**20:,.1f} MiB)", highlight=False, soft_wrap=True)
     for place in (description or {}).get("placement", []):
         out.print(f"  replica {place['replica']} on {place['worker']} (pid {place.get('pid')}, "
                   f"{place.get('device')}, kernel {place.get('kernel')})", highlight=False, soft_wrap=True)
@@ -228,6 +233,10 @@ def print_serving(model: str, url: str, description: dict | None = None) -> None
 
 
 def print_served(served, max_batch_size: int) -> None:
+    if served.generated_tokens is not None:
+        out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s "
+                  f"({served.generated_tokens:,} tokens generated)", highlight=False, soft_wrap=True)
+        return
     sizes = ", ".join(str(r["size"]) if r else str(max_batch_size) for r in served.batch_sizes)
     out.print(f"stopped after answering {served.answered:,} requests in {served.seconds:.1f} s "
               f"(batch size per replica at the end: {sizes})", highlight=False, soft_wrap=True)

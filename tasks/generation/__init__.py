@@ -15,6 +15,8 @@ Pieces, each with one job (as vLLM v1 splits them):
   reusing the model's own modules and weights around the paged attention.
 - ``engine``: :class:`Engine` ties them together; ``handle``: what a caller holds.
 - ``loading``: :func:`load_runner` for our checkpoints and ``hf:`` folders.
+- ``http`` (with ``openai_api`` and ``serve_metrics``): the OpenAI-compatible server that
+  ``swarm serve-model`` runs for a language model.
 
 Why our own paged cache and not transformers' continuous batching: transformers 5.25's
 ``generate_batch`` (``ContinuousBatchingManager`` over ``PagedAttentionCache``) does run on
@@ -54,7 +56,9 @@ API for the offline flow and the server
 ``submit`` raises :class:`~storage.errors.ConfigError` for bad input (HTTP 400, CLI exit 2)
 and :class:`QueueFull` (with ``retry_after_s``) when ``max_waiting`` requests already wait
 (HTTP 429). Finish reasons: ``"length"``, ``"stop"`` (end-of-text / stop token, not
-included in the output, or a stop string, cut from the text), ``"cancelled"``.
+included in the output, or a stop string, cut from the text), ``"cancelled"``, and
+``"error"`` when a step of the background loop failed (``engine.last_error`` says why; the loop
+goes on with later requests).
 ``engine.metrics.occupancy`` holds (seconds, running sequences, tokens) per step for a plot.
 """
 

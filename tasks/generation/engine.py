@@ -6,11 +6,12 @@ runs the model once, samples a token for every sequence whose chunk reached its 
 it to the request's handle, and retires finished sequences at once (their blocks go back to
 the pool before the next step is scheduled). Everything that touches the engine's state
 holds one lock, so ``submit`` and ``cancel`` may be called from any thread while the loop
-runs.
+runs (the model's forward pass runs outside it: see ``step``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Iterable
 
@@ -25,6 +26,8 @@ from tasks.generation.params import QueueFull, Request, SamplingParams, validate
 from tasks.generation.runners.base import ModelRunner
 from tasks.generation.sampler import make_generator, sample
 from tasks.generation.scheduler import Scheduler, Sequence
+
+log = logging.getLogger("swarm.generation")
 
 
 class Engine:
@@ -60,10 +63,12 @@ class Engine:
         self.metrics = EngineMetrics()
         self._seqs: dict[str, Sequence] = {}
         self._lock = threading.RLock()
+        self._step_lock = threading.Lock()   # one step at a time (the model runs outside _lock)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
+        self.last_error: str | None = None   # the background loop's last failed step
         self._decode = self._make_decoder(runner.tokenizer)
 
     @staticmethod
@@ -123,26 +128,38 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> int:
-        """Run one iteration; returns how many sequences ran (0 when idle)."""
-        with self._lock:
-            chunks = self.scheduler.schedule()
-            if not chunks:
-                return 0
-            layout = BatchLayout.build([(c.seq.blocks, c.start, c.count) for c in chunks], self.pool.block_size,
-                                       device=self.runner.device)
-            tokens = torch.tensor([t for c in chunks for t in c.seq.tokens[c.start:c.start + c.count]],
-                                  dtype=torch.long, device=self.runner.device)
+        """Run one iteration; returns how many sequences ran (0 when idle).
+
+        The model runs outside the engine's lock, so ``submit``, ``cancel`` and ``stats`` from
+        other threads (the HTTP server's event loop) never wait for a forward pass. That is
+        safe because only ``schedule`` hands out blocks, and it runs in this method: blocks a
+        cancel frees meanwhile are not reused before this step has written its keys/values,
+        and a sequence cancelled meanwhile gets no token."""
+        with self._step_lock:
+            with self._lock:
+                chunks = self.scheduler.schedule()
+                if not chunks:
+                    return 0
+                layout = BatchLayout.build([(c.seq.blocks, c.start, c.count) for c in chunks], self.pool.block_size,
+                                           device=self.runner.device)
+                tokens = torch.tensor([t for c in chunks for t in c.seq.tokens[c.start:c.start + c.count]],
+                                      dtype=torch.long, device=self.runner.device)
+                running = len(self.scheduler.running)
             logits = self.runner.forward(tokens, layout, self.cache)
-            self.metrics.on_step(len(self.scheduler.running), int(tokens.shape[0]))
-            for c in chunks:
-                c.seq.num_cached += c.count
-            done = [c for c in chunks if c.samples]
-            rows = torch.tensor([i for i, c in enumerate(chunks) if c.samples], dtype=torch.long)
-            picked = sample(logits[rows.to(logits.device)].float().cpu(), [c.seq.request.params for c in done],
-                            [c.seq.generator for c in done])
-            for c, token in zip(done, picked):
-                self._append(c.seq, token)
-            return len(chunks)
+            with self._lock:
+                self.metrics.on_step(running, int(tokens.shape[0]))
+                live = [c for c in chunks if self._seqs.get(c.seq.request_id) is c.seq]
+                for c in live:
+                    c.seq.num_cached += c.count
+                rows = [i for i, c in enumerate(chunks) if c.samples and self._seqs.get(c.seq.request_id) is c.seq]
+                done = [chunks[i] for i in rows]
+                if done:
+                    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+                    picked = sample(logits[index].float().cpu(), [c.seq.request.params for c in done],
+                                    [c.seq.generator for c in done])
+                    for c, token in zip(done, picked):
+                        self._append(c.seq, token)
+                return len(chunks)
 
     def _append(self, seq: Sequence, token: int) -> None:
         p = seq.request.params
@@ -195,7 +212,14 @@ class Engine:
                     self._wake.wait()
                 if self._stopping and (not self._seqs or not self._drain):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not leave its requests waiting forever
+                log.exception("a generation step failed; its requests end with finish_reason 'error'")
+                with self._lock:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    for seq in list(self._seqs.values()):
+                        self._retire(seq, "error")
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the loop: with ``drain``, new requests are refused and running ones finish

@@ -1,18 +1,20 @@
 """A submitted request as its caller sees it: a stream of tokens, then a result.
 
-The engine's thread pushes events; the caller iterates them (``for event in handle``) or
-waits for the whole result. Text is decoded incrementally with the model's tokenizer and
+The engine's thread pushes events; the caller iterates them (``for event in handle``, or
+``async for event in handle.stream()`` in an event loop, which holds no thread while it
+waits) or waits for the whole result. Text is decoded incrementally with the model's tokenizer and
 held back while it could still be the start of a stop string (or ends in half a character),
 so a streamed answer never shows text that the stop string later removes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 
 @dataclass
@@ -20,7 +22,7 @@ class TokenEvent:
     token_id: int | None        # None on the final event of a request that ended without a new token
     text: str                   # new text since the previous event ("" without a tokenizer)
     finished: bool = False
-    finish_reason: str | None = None   # "stop", "length" or "cancelled"
+    finish_reason: str | None = None   # "stop", "length", "cancelled" or "error" (the engine's step failed)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RequestHandle:
         self._emitted = 0
         self._events: queue.Queue[TokenEvent] = queue.Queue()
         self._done = threading.Event()
+        self._wake: Callable[[], None] | None = None   # set by stream(): wakes its event loop
 
     # called by the engine, under its lock
     def push(self, token: int) -> bool:
@@ -61,7 +64,7 @@ class RequestHandle:
         self.tokens.append(token)
         self.token_times.append(time.perf_counter())
         if self._decode is None:
-            self._events.put(TokenEvent(token, ""))
+            self._put(TokenEvent(token, ""))
             return False
         self._text = self._decode(self.tokens)
         hit = min((i for i in (self._text.find(s) for s in self._stop) if i >= 0), default=-1)
@@ -73,15 +76,21 @@ class RequestHandle:
             safe -= 1
         delta = self._text[self._emitted:max(safe, self._emitted)]
         self._emitted += len(delta)
-        self._events.put(TokenEvent(token, delta))
+        self._put(TokenEvent(token, delta))
         return False
 
     def close(self, reason: str) -> None:
         self.finish_reason = reason
         rest = self._text[self._emitted:] if self._decode else ""
         self._emitted = len(self._text)
-        self._events.put(TokenEvent(None, rest, finished=True, finish_reason=reason))
         self._done.set()
+        self._put(TokenEvent(None, rest, finished=True, finish_reason=reason))
+
+    def _put(self, event: TokenEvent) -> None:
+        self._events.put(event)
+        wake = self._wake
+        if wake is not None:
+            wake()
 
     # called by the caller
     @property
@@ -91,6 +100,29 @@ class RequestHandle:
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             event = self._events.get()
+            yield event
+            if event.finished:
+                return
+
+    async def stream(self) -> AsyncIterator[TokenEvent]:
+        """The events, for a caller in an asyncio event loop: the engine's thread wakes the loop."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:   # the loop has closed: nobody listens any more
+                pass
+
+        self._wake = wake
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                await ready.wait()
+                ready.clear()
+                continue
             yield event
             if event.finished:
                 return

@@ -1,8 +1,9 @@
 """``load_runner(url)``: the model runner for a language-model URL.
 
 - ``hf:FOLDER``: a Hugging Face causal LM folder (config.json + *.safetensors, and
-  tokenizer.json when it has one), loaded with ``local_files_only=True,
-  use_safetensors=True`` — never a hub download — and run by the Llama- or GPT-2-family
+  tokenizer.json when it has one; local or any fsspec URL), found and loaded by
+  :mod:`tasks.models.hf` as training loads it (``local_files_only=True,
+  use_safetensors=True`` — never a hub download) and run by the Llama- or GPT-2-family
   runner its ``model_type`` names.
 - anything else: one of our checkpoints or optimized models, rebuilt by
   ``tasks.models.loading.load_model``; its folder's ``tokenizer.json`` and ``meta.json``'s
@@ -24,7 +25,7 @@ HF_PREFIX = "hf:"
 
 def load_runner(url: str, storage_options: dict | None = None) -> ModelRunner:
     if url.startswith(HF_PREFIX):
-        return _load_hf(url[len(HF_PREFIX):])
+        return _load_hf(url[len(HF_PREFIX):], storage_options)
     from tasks.models.loading import load_model
 
     loaded = load_model(url, storage_options)
@@ -64,26 +65,34 @@ def _find_hf_causal_lm(model):
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
-def _load_hf(folder: str) -> ModelRunner:
-    if "://" in folder:
-        raise ConfigError(f"hf:{folder}: give a local folder; copy a remote model folder to local disk first")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise SourceError(f"hf:{folder}: no config.json there; an hf: model is a folder with config.json and "
-                          f"*.safetensors")
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_hf(url: str, storage_options: dict | None = None) -> ModelRunner:
+    """An ``hf:`` folder through :mod:`tasks.models.hf` (the one place that finds, copies and
+    loads such folders), after checking its architecture is one generation runs."""
+    from transformers import AutoConfig
 
+    from tasks.models.hf import build, local_folder
+
+    folder = local_folder(url, storage_options)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     from tasks.generation.runners.hf import GPT2_FAMILY, LLAMA_FAMILY
 
     if config.model_type not in LLAMA_FAMILY + GPT2_FAMILY:
-        raise ConfigError(f"hf:{folder} is a {config.model_type!r} model; generation supports "
+        raise ConfigError(f"hf:{url} is a {config.model_type!r} model; generation supports "
                           f"{', '.join(LLAMA_FAMILY + GPT2_FAMILY)}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"hf:{folder}: cannot load the model ({' '.join(str(exc).split())[:300]})") from None
+    model = build(url, storage_options=storage_options)
     return runner_for_model(model, tokenizer=_read_tokenizer(os.path.join(folder, "tokenizer.json")),
-                            source=f"hf:{folder}")
+                            source=f"hf:{url}")
+
+
+def is_language_model(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``url`` names a language model: an ``hf:`` folder, or a checkpoint or optimized
+    model whose metadata says ``task: causal-lm``; a missing checkpoint raises its usual error."""
+    if url.startswith(HF_PREFIX):
+        return True
+    from storage import checkpoint as ckpt
+
+    _, meta = ckpt.read_meta(url, storage_options, formats=(ckpt.FORMAT_ID, ckpt.MODEL_FORMAT_ID))
+    return meta.get("task") == "causal-lm"
 
 
 def _read_tokenizer(url: str, storage_options: dict | None = None):

@@ -1,6 +1,6 @@
 """Inference parameters: online serving (``ServeConfig``: ``swarm serve-model`` and
-:func:`tasks.inference.server.serve`) and offline batch inference (``InferConfig``:
-``batch_inference`` and ``swarm infer``)."""
+:func:`tasks.inference.server.serve`, classifiers and language models) and offline batch
+inference (``InferConfig``: ``batch_inference`` and ``swarm infer``)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="Checkpoint URL: a ckpt-* folder, or a checkpoint root (its latest)")
+    model: str = Field(description=(
+        "Checkpoint URL: a ckpt-* folder, or a checkpoint root (its latest); a language model (causal-lm "
+        "checkpoint, or hf:FOLDER) is served for generation (OpenAI-compatible /v1/completions)"))
     replicas: int = Field(1, ge=1, le=64, description=(
         "Model replicas: each on its own Dask worker (threads in this process with --in-process); "
         "with autoscaling, how many start"))
-    max_batch_size: int = Field(32, ge=1, le=65_536, description="Rows per batch at most")
+    max_batch_size: int = Field(32, ge=1, le=65_536, description=(
+        "Rows per batch at most (language models: sequences generated together at most)"))
     max_wait_ms: float = Field(5.0, ge=0, le=60_000, description="How long a batch waits to fill once it has a row")
     max_queue_rows: int = Field(1024, ge=1, description="Rows waiting for a batch at most; more get HTTP 429")
     max_request_rows: int = Field(256, ge=1, description="Rows per request at most (HTTP 413 past it)")
@@ -57,6 +60,15 @@ class ServeConfig(BaseModel):
     probe_timeout_s: float = Field(10.0, gt=0, description=(
         "A replica that answers no probe or batch for this long is taken out of rotation and replaced"))
     replica_start_timeout_s: float = Field(180.0, gt=0, description="How long a replica may take to load on its worker")
+    kv_pool_tokens: int | None = Field(None, ge=1, description=(
+        "Language models: KV-cache pool size in tokens, allocated once (default: max_batch_size x the model's context)"))
+    kv_block_size: int = Field(16, ge=1, le=4096, description="Language models: tokens per KV-cache block")
+    max_waiting: int = Field(256, ge=1, description=(
+        "Language models: requests waiting for room in the running batch at most; more get HTTP 429"))
+    max_tokens_per_step: int = Field(256, ge=1, description=(
+        "Language models: tokens run in one engine step at most (long prompts are prefilled in chunks of this)"))
+    max_new_tokens_limit: int | None = Field(None, ge=1, description=(
+        "Language models: max_tokens a request may ask for at most (default: the model's context)"))
 
     @field_validator("storage_options")
     @classmethod

@@ -18,29 +18,44 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class ServeMetrics:
+class RequestMetrics:
+    """A server's registry: requests by status code, their latency, and a collector of the
+    server's state read when scraped. Classifier serving and generation both build on it."""
+
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, service: "InferenceService", max_batch_size: int, state: "StateCollector | None" = None):
+    def __init__(self, state):
         self.registry = CollectorRegistry(auto_describe=True)
-        size_buckets = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
-        self.requests = Counter("swarm_serve_requests", "HTTP prediction requests by status code", ["code"],
+        self.requests = Counter("swarm_serve_requests", "HTTP requests by status code", ["code"],
                                 registry=self.registry)
-        self.rows = Counter("swarm_serve_rows", "Rows predicted", registry=self.registry)
-        self.latency = Histogram("swarm_serve_request_latency_seconds", "Prediction request latency in the server",
+        self.latency = Histogram("swarm_serve_request_latency_seconds", "Request latency in the server (answered)",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(state)
+
+    def request_done(self, code: int, seconds: float) -> None:
+        self.requests.labels(str(code)).inc()
+        if code == 200:
+            self.latency.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ServeMetrics(RequestMetrics):
+    def __init__(self, service: "InferenceService", max_batch_size: int, state: "StateCollector | None" = None):
+        super().__init__(state or StateCollector(service))
+        size_buckets = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
+        self.rows = Counter("swarm_serve_rows", "Rows predicted", registry=self.registry)
         self.batch_size = Histogram("swarm_serve_batch_size", "Rows per batch", buckets=size_buckets,
                                     registry=self.registry)
         self.batch_requests = Histogram("swarm_serve_batch_requests", "Requests per batch", buckets=size_buckets,
                                         registry=self.registry)
         self.batch_seconds = Histogram("swarm_serve_batch_compute_seconds", "Model compute time per batch",
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(state or StateCollector(service))
 
     def request_done(self, code: int, seconds: float, rows: int = 0) -> None:
-        self.requests.labels(str(code)).inc()
+        super().request_done(code, seconds)
         if code == 200:
-            self.latency.observe(seconds)
             self.rows.inc(rows)
 
     def batch_started(self, rows: int, requests: int) -> None:
@@ -49,9 +64,6 @@ class ServeMetrics:
 
     def batch_done(self, rows: int, seconds: float) -> None:
         self.batch_seconds.observe(seconds)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class StateCollector:
@@ -65,10 +77,10 @@ class StateCollector:
 
     def collect(self) -> Iterator:
         s = self.service
-        yield _gauge("swarm_serve_queue_rows", "Rows waiting for a batch", s.batcher.queued_rows)
-        yield _gauge("swarm_serve_requests_in_flight", "Requests accepted and not yet answered", s.requests_in_flight)
-        yield _gauge("swarm_serve_batches_in_flight", "Batches running on replicas", s.batcher.in_flight_batches)
-        yield _gauge("swarm_serve_draining", "1 while shutting down", int(s.draining))
+        yield gauge("swarm_serve_queue_rows", "Rows waiting for a batch", s.batcher.queued_rows)
+        yield gauge("swarm_serve_requests_in_flight", "Requests accepted and not yet answered", s.requests_in_flight)
+        yield gauge("swarm_serve_batches_in_flight", "Batches running on replicas", s.batcher.in_flight_batches)
+        yield gauge("swarm_serve_draining", "1 while shutting down", int(s.draining))
         yield from self.replicas()
 
     def replicas(self) -> Iterator:
@@ -92,5 +104,5 @@ class StateCollector:
             yield metric
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)

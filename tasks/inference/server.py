@@ -11,6 +11,9 @@ Endpoints:
 - ``GET /health``: 200 ``{"status": "ok", ...}``, 503 ``{"status": "draining"}`` on shutdown.
 - ``GET /metrics``: Prometheus text format.
 
+A language model is served for generation instead (OpenAI's ``/v1/completions``), by
+:mod:`tasks.generation.http` on this same server: see :func:`make_service`.
+
 Shutdown (SIGINT/SIGTERM, or :meth:`ServingServer.request_shutdown`): stop accepting
 connections, run the waiting rows without waiting for batch deadlines, answer every
 accepted request, then stop the replicas. A second SIGINT forces the exit.
@@ -49,8 +52,15 @@ log = logging.getLogger("swarm.serve")
 FIELDS = ("inputs", "probabilities")
 
 
-def make_service(config: ServeConfig) -> BatchingFront:
-    """Thread replicas in this process (``in_process``), else replicas on Dask workers."""
+def make_service(config: ServeConfig):
+    """A language model: one generation engine in this process (:mod:`tasks.generation.http`);
+    a classifier: thread replicas in this process (``in_process``), else replicas on Dask workers."""
+    from tasks.generation.loading import is_language_model
+
+    if is_language_model(config.model, config.storage_options):
+        from tasks.generation.http import GenerationService
+
+        return GenerationService(config)
     if config.in_process:
         return InferenceService(config)
     from tasks.inference.cluster_service import ClusterInferenceService
@@ -65,7 +75,7 @@ def create_app(service: BatchingFront) -> Starlette:
         began = time.perf_counter()
         code, rows = 500, 0
         try:
-            body = await _read_body(request, config.max_body_bytes)
+            body = await read_body(request, config.max_body_bytes)
             inputs, probabilities = _parse(body)
             x = service.spec.parse(inputs, config.max_request_rows)
             logits = await service.predict(x)
@@ -109,15 +119,15 @@ def create_app(service: BatchingFront) -> Starlette:
                              Route("/metrics", metrics)], lifespan=lifespan)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, hint: str = "send fewer rows per request") -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadError(f"the body is {int(declared):,} bytes; at most {limit:,} (send fewer rows per request)", 413)
+        raise PayloadError(f"the body is {int(declared):,} bytes; at most {limit:,} ({hint})", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadError(f"the body is over {limit:,} bytes (send fewer rows per request)", 413)
+            raise PayloadError(f"the body is over {limit:,} bytes ({hint})", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -266,6 +276,7 @@ class Served:
     answered: int
     seconds: float
     batch_sizes: list  # each replica's adaptive batch size report (None without --adaptive)
+    generated_tokens: int | None = None  # a language model's
 
 
 def _server(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = None):
@@ -278,11 +289,19 @@ def _server(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = 
         raise
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    uv_config = uvicorn.Config(create_app(service), http=_http_protocol(), log_level="warning", access_log=False,
+    uv_config = uvicorn.Config(_app(service), http=_http_protocol(), log_level="warning", access_log=False,
                                lifespan="on", timeout_keep_alive=30, backlog=4096,
                                h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     server = ServingServer(uv_config, service, (lambda: on_ready(url, service.describe())) if on_ready else None)
     return server, sock, url
+
+
+def _app(service) -> Starlette:
+    if isinstance(service, BatchingFront):
+        return create_app(service)
+    from tasks.generation.http import create_app as generation_app
+
+    return generation_app(service)
 
 
 def serve(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = None) -> Served:
@@ -300,7 +319,9 @@ def serve(config: ServeConfig, on_ready: Callable[[str, dict], None] | None = No
     finally:
         sock.close()
     service = server.service
-    return Served(url, service.answered, time.monotonic() - began, service.batch_size_reports())
+    engine = getattr(service, "engine", None)
+    return Served(url, service.answered, time.monotonic() - began, service.batch_size_reports(),
+                  engine.stats()["generated_tokens"] if engine is not None else None)
 
 
 class BackgroundServer:

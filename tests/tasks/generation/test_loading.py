@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from storage import checkpoint as ckpt
-from storage.errors import ConfigError, SourceError
+from storage.errors import ConfigError
 from tasks.generation import Engine, Request, SamplingParams, load_runner
 from tasks.generation.runners.gpt import GPTRunner
 from tasks.generation.runners.hf import GPT2Runner, LlamaRunner
@@ -36,12 +36,16 @@ def test_hf_folder(tmp_path, make, runner_type):
 
 
 def test_hf_folder_errors(tmp_path):
-    with pytest.raises(SourceError, match="no config.json"):
+    """hf: folders are found and checked by tasks.models.hf, as training finds them."""
+    with pytest.raises(ConfigError, match="has no config.json"):
         load_runner(f"hf:{tmp_path}")
-    from transformers import BertConfig
+    from transformers import BertConfig, BertModel
 
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=32).save_pretrained(tmp_path)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="no \\*.safetensors weights"):
+        load_runner(f"hf:{tmp_path}")
+    BertModel(cfg).save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ConfigError, match="'bert' model; generation supports llama"):
         load_runner(f"hf:{tmp_path}")
 
