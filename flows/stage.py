@@ -49,4 +49,5 @@ def summary_row(result: StageResult) -> dict:
         "written": result.written_shards,
         "skipped": result.skipped_shards,
         "seconds": result.seconds,
-    } | text
+    } | text | ({"classes": len(result.images["classes"]), "skipped_bad": result.images["skipped_bad"]}
+                if result.images else {})

@@ -35,9 +35,22 @@ def print_stage_summary(result) -> None:
             ("bytes out", f"{human_bytes(result.bytes_out)}  (x{result.compression_ratio} smaller than decoded)"),
             ("throughput", f"{result.rows_per_second:,.0f} rows/s in {result.seconds:.1f} s"),
             *_text_rows(result.text),
+            *_image_rows(getattr(result, "images", None)),
             ("Prefect UI", ui_url() or "-"),
         ],
     )
+
+
+def _image_rows(images: dict | None) -> list[tuple[str, str]]:
+    if not images:
+        return []
+    classes = images["classes"]
+    shown = ", ".join(classes[:8]) + (", …" if len(classes) > 8 else "")
+    kept = "decoded at staging" if images["stored"] == "decoded" else "encoded files, decoded by the loader"
+    rows = [("images", f"{len(classes)} classes ({shown}); {kept}; {images['size']}x{images['size']} for the model")]
+    if images["skipped_bad"]:
+        rows.append(("skipped", f"{images['skipped_bad']:,} image(s) that do not decode (--skip-bad; listed in index.json)"))
+    return rows
 
 
 def _text_rows(text: dict | None) -> list[tuple[str, str]]:

@@ -151,8 +151,10 @@ class StreamingDataset(IterableDataset):
             raise ConfigError(f"index_key {index_key!r} is already a column name; pick another")
 
     def _default_block(self, batch_size: int) -> int:
-        row_bytes = sum(s.row_bytes for s in self.specs) or 1
-        return max(4 * batch_size, BLOCK_BYTES // row_bytes)
+        row_bytes = sum(s.row_bytes for s in self.specs)
+        if any(not s.numeric for s in self.specs):  # binary (encoded images), strings: their stored bytes a row
+            row_bytes += sum(s.raw_bytes for s in self.shards) // max(1, int(self.shard_rows.sum()))
+        return max(4 * batch_size, BLOCK_BYTES // max(1, row_bytes))
 
     def spec(self, num_workers: int = 1) -> OrderSpec:
         return OrderSpec(**{**self.base_spec.__dict__, "epoch": self.epoch, "num_workers": num_workers})

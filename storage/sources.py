@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from storage.errors import ConfigError, SourceError
 from storage.urls import is_local, url_to_fs
 
-SOURCE_FORMATS = ("auto", "parquet", "csv", "jsonl", "npy", "text")
+SOURCE_FORMATS = ("auto", "parquet", "csv", "jsonl", "npy", "text", "images")  # images: storage.image_sources
 EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -116,7 +116,8 @@ def list_files(url: str, fmt: str = "auto", storage_options: dict | None = None)
         (files if file_fmt else texts).append(found)
     files = files or texts  # text files count in ``auto`` only where no data files match
     if not files:
-        wanted = ", ".join(sorted(EXTENSIONS) + list(TEXT_FILE_EXTENSIONS)) if fmt == "auto" else f"{fmt} files"
+        wanted = (", ".join(sorted(EXTENSIONS) + list(TEXT_FILE_EXTENSIONS)) + ", or images (.jpg, .jpeg, .png, .webp) "
+                  "in one folder per class") if fmt == "auto" else f"{fmt} files"
         raise SourceError(f"source {url!r} holds no input files (looked for {wanted})")
     return files
 

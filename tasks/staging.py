@@ -28,14 +28,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from storage import codecs, layout, manifest as manifest_mod, sources
+from storage import codecs, image_sources, layout, manifest as manifest_mod, sources
 from storage.cleanup import remove_unreferenced
 from storage.errors import SourceError
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import ShardSpec, write_shard
 from storage.sources import SourceUnit
 from storage.urls import url_to_fs
-from tasks import datasets
+from tasks import datasets, images as image_plan
+from tasks.images import ImageOptions
 from tasks.fields import Codec, ShardFormat, SourceFormat, byte_size
 from tasks.retries import retry_unless_user_error
 from tasks.splits import split_mask
@@ -58,7 +59,7 @@ class StageOptions(BaseModel):
         "64MB", validate_default=True, description="Target decoded bytes per shard (e.g. 64MB, 1GiB)")
     shard_format: ShardFormat = Field("arrow", description="Shard file format")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out as the 'val' split")
-    seed: int = Field(0, ge=0, description="Seed of the train/val split")
+    seed: int = Field(0, ge=0, description="Seed of the train/val split (and of the order image files are staged in)")
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> "StageOptions":
@@ -75,7 +76,7 @@ class StageTarget(BaseModel):
     dest: str = Field(description="Destination dataset root, any fsspec URL")
 
 
-class StageConfig(StorageAccess, TextOptions, StageOptions, StageTarget):
+class StageConfig(StorageAccess, ImageOptions, TextOptions, StageOptions, StageTarget):
     """Parameters of the staging flow (the Prefect UI form and `swarm stage`)."""
 
 
@@ -127,6 +128,7 @@ class GroupResult:
     seconds: float
     worker: str = ""
     text: dict[str, int] | None = None  # counts of tokenized text
+    bad: tuple[str, ...] = ()  # images that did not decode, by path
     stats: dict[str, Any] | None = None  # tables: the column summary of its rows (tasks.tables.stats)
 
 
@@ -148,6 +150,7 @@ class StageResult(BaseModel):
     up_to_date: bool
     manifest_hash: str
     text: dict[str, Any] | None = None  # text: documents, tokens, vocab_size, packing, seq_len
+    images: dict[str, Any] | None = None  # images: classes, stored, size, skipped_bad
 
 
 # --------------------------------------------------------------------------- plan
@@ -235,7 +238,7 @@ def inspect_source(config: StageConfig | Any, unit_bytes: int | None = None):
     if datasets.is_builtin(config.source):
         return _inspect_builtin(config.source, unit_bytes)
     _refuse_unknown_builtin(config.source)
-    return _inspect_files(config, unit_bytes)
+    return image_plan.inspect(config, unit_bytes) or _inspect_files(config, unit_bytes)
 
 
 def _refuse_unknown_builtin(source: str) -> None:
@@ -287,6 +290,8 @@ def read_rows(unit: SourceUnit, schema: pa.Schema, storage_options: dict[str, An
     """The rows of one source unit (of a built-in or of files)."""
     if unit.format == BUILTIN:
         return datasets.open_builtin(unit.url.split(":", 1)[1]).read(unit.start, unit.stop)
+    if unit.format == image_sources.IMAGES:
+        return image_sources.read_unit(unit, storage_options)
     return sources.read_unit(unit, schema, storage_options)
 
 
@@ -304,12 +309,16 @@ def write_group(task: GroupTask) -> GroupResult:
     pending_rows = 0
     k = 0  # the group's next shard to write
     text_counts = text_plan.TextCounts() if task.text else None
+    images, bad = image_plan.is_images([u for _, u in task.units]), []
     summaries: list[dict] = []
 
     def flush(table: pa.Table, index: int, first_row: int) -> None:
         nonlocal written, skipped
         mask = split_mask(np.arange(first_row, first_row + table.num_rows), task.seed, task.val_fraction)
-        if task.text is None:
+        if images:
+            table, mask, dropped = image_plan.drop_bad(table, mask)
+            bad.extend(dropped)
+        elif task.text is None:
             summaries.append(column_stats.partial(table, ~mask))
         parts = [("train", table)] if not mask.any() else [
             ("train", table.filter(pa.array(~mask))),
@@ -345,8 +354,8 @@ def write_group(task: GroupTask) -> GroupResult:
     assert k == len(bounds) - 1, (k, bounds)
     return GroupResult(task.index, entries, written, skipped, hi - lo, time.perf_counter() - start_time,
                        worker=f"{socket.gethostname()}:{os.getpid()}",
-                       text=vars(text_counts) if text_counts else None,
-                       stats=column_stats.merge(summaries) if task.text is None else None)
+                       text=vars(text_counts) if text_counts else None, bad=tuple(bad),
+                       stats=column_stats.merge(summaries) if task.text is None and not images else None)
 
 
 # --------------------------------------------------------------------------- commit
@@ -363,12 +372,14 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
     else:
         entries = sorted((e for r in results for e in r.entries), key=lambda e: (e.split, e.name))
         got = sum(e.rows for e in entries) if plan.text is None else sum(r.text["documents"] for r in results)
-        if got != plan.rows:
+        bad = [b for r in results for b in r.bad]
+        if got + len(bad) != plan.rows:
             raise SourceError(f"staged {got} rows but the source has {plan.rows}; the source changed while staging")
-        schema, metadata = plan.schema, plan.metadata
+        schema = plan.schema
+        metadata = image_plan.check_bad(plan, bad, fs, root)
         if plan.text is not None:
             schema, metadata = text_plan.before_manifest(fs, root, plan.text, [r.text for r in results])
-        else:  # per-column statistics of the train split, for encoding and sizing (tasks.tables)
+        elif not image_plan.is_images(plan.units):  # per-column statistics of the train split (tasks.tables)
             metadata = {**metadata, "column_stats": column_stats.finish(column_stats.merge([r.stats for r in results]))}
         manifest = Manifest(
             shard_format=cfg.shard_format,
@@ -404,6 +415,7 @@ def commit(plan: StagePlan, results: list[GroupResult], seconds: float) -> Stage
         up_to_date=plan.up_to_date,
         manifest_hash=manifest.content_hash(),
         text=text_plan.summary(manifest.metadata),
+        images=image_plan.summary(manifest.metadata),
     )
 
 

@@ -44,6 +44,11 @@ def model_columns(model: str, meta: dict, ds: Dataset, keep: list[str] = ()) -> 
         raise ConfigError(f"model {model!r} reads column {feature!r}, which dataset {ds.url!r} lacks "
                           f"(columns: {', '.join(names)})")
     ftype = ds.schema.field(feature).type
+    image = trained.get("image")  # a model trained on image files: decoded here as for validation
+    if image is not None:
+        image = {**image, "stored": "encoded" if pa.types.is_binary(ftype) else "decoded"}
+        if image["stored"] == "encoded":
+            return Columns(feature, "", tuple(trained["shape"]), None, image=image)
     width, values = (ftype.list_size, ftype.value_type) if pa.types.is_fixed_size_list(ftype) else (1, ftype)
     if not (pa.types.is_integer(values) or pa.types.is_floating(values)):
         raise ConfigError(f"column {feature!r} of dataset {ds.url!r} is {ftype}; model {model!r} needs numbers "
@@ -54,7 +59,7 @@ def model_columns(model: str, meta: dict, ds: Dataset, keep: list[str] = ()) -> 
                           f"{feature!r} of dataset {ds.url!r} has {width} values per row")
     scale = trained["scale"] if "scale" in trained else described.get("scale")
     labels = Columns.from_record(trained).labels
-    return Columns(feature, "", tuple(shape) if shape else None, scale, None, labels)
+    return Columns(feature, "", tuple(shape) if shape else None, scale, None, labels, image)
 
 
 def check_output(output: str, dataset: str, storage_options: dict, kind: str = PREDICTIONS_KIND):

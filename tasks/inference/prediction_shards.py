@@ -30,7 +30,7 @@ from storage.errors import ManifestError
 from storage.hashing import digest_bytes
 from storage.manifest import Manifest, ShardEntry
 from storage.shard_writer import PART_PREFIX
-from tasks.training.data import Columns, feature_array
+from tasks.training.data import Columns, feature_array, image_input
 
 FORMAT = "arrow"  # the default; --output-format parquet writes Parquet shards
 PREDICTIONS_KIND = "predictions"  # the manifest's metadata ``kind`` of a prediction dataset
@@ -73,8 +73,9 @@ class InputShard:
 def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEntry, str]], cols: Columns,
                 device: Any = None, depth: int = 1, keep: list[str] = ()):
     """A :class:`~storage.prefetch.Prefetcher` of ``{"x": rows, "shard": InputShard}``, in
-    ``inputs`` order; ``x`` (the column, or the table columns encoded as in training) is on
-    ``device`` when it is a CUDA device. Release each shard once predicted."""
+    ``inputs`` order; ``x`` (the column, the table columns encoded as in training, or the
+    images decoded as for validation) is on ``device`` when it is a CUDA device. Release
+    each shard once predicted."""
     from storage.cache import ShardCacheFileSystem
     from storage.fetcher import ShardFetcher
     from storage.loader import _with_cache
@@ -91,7 +92,10 @@ def read_inputs(dataset: str, storage_options: dict, inputs: list[tuple[ShardEnt
             table = held.table
         else:
             table = ds.read_shard(entry, verify=True)
-        x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
+        if cols.image is not None:
+            x = image_input(table, cols.feature, cols.image)
+        else:
+            x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
         return InputShard(entry, name, _tensor(x), held, None if held is None else held.local,
                           table.select(list(keep)) if keep else None)
 

@@ -104,6 +104,8 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None, from_checkpoint
 def default_model(metadata: dict[str, Any], task: str = "classify") -> str:
     if task == "causal-lm" or metadata.get("kind") == "text":
         return "gpt"
+    if metadata.get("kind") == "images":  # image files (tasks.images): sized from the manifest's shape
+        return "cnn"
     return "transformer" if metadata.get("kind") == "tokens" else "mlp"
 
 

@@ -35,6 +35,7 @@ class Columns:
     scale: float | None
     table: FeatureEncoding | None = None  # table columns assembled into the input (tasks.tables)
     labels: LabelEncoding | None = None  # labels to class ids or standardised targets
+    image: dict[str, Any] | None = None  # image files: the manifest's ``image`` record (see tasks.images)
 
     @property
     def task(self) -> str:
@@ -50,7 +51,8 @@ class Columns:
         """What a checkpoint records, for inference and serving to encode alike."""
         return {"feature": self.feature, "label": self.label, "shape": list(self.shape) if self.shape else None,
                 "scale": self.scale, "features": self.table.to_json() if self.table else None,
-                "labels": self.labels.to_json() if self.labels else None, "task": self.task}
+                "labels": self.labels.to_json() if self.labels else None, "task": self.task,
+                **({"image": self.image} if self.image else {})}
 
     @classmethod
     def from_record(cls, doc: dict[str, Any], label: str | None = "") -> "Columns":
@@ -58,7 +60,7 @@ class Columns:
         return cls(doc.get("feature") or "input", doc.get("label") if label == "" else label,
                    tuple(shape) if shape else None, doc.get("scale"),
                    FeatureEncoding.from_json(doc["features"]) if doc.get("features") else None,
-                   LabelEncoding.from_json(doc.get("labels")))
+                   LabelEncoding.from_json(doc.get("labels")), doc.get("image"))
 
 
 def resolve_columns(ds: Dataset, feature: str | None, label: str | None, feature_columns: list[str] | None = None,
@@ -92,6 +94,8 @@ def resolve_columns(ds: Dataset, feature: str | None, label: str | None, feature
         feature = others[0]
     if feature not in names:
         raise ConfigError(f"dataset {ds.url!r} has no feature column {feature!r} (columns: {', '.join(names)})")
+    if meta.get("kind") == "images" and feature == meta.get("feature"):  # image files (tasks.images)
+        return Columns(feature, label, tuple(meta["shape"]), None, None, labels, image=meta["image"])
     ftype = schema.field(feature).type
     numeric = pa.types.is_integer(ftype) or pa.types.is_floating(ftype)
     if pa.types.is_fixed_size_list(ftype):
@@ -120,10 +124,25 @@ def feature_array(table: pa.Table, feature: str) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).reshape(len(column), 1)
 
 
+def image_input(table: pa.Table, feature: str, image: dict[str, Any]) -> np.ndarray:
+    """An image column as model input, float32 (rows, 3, size, size): the files decoded, or the
+    pixels staged, then normalised as for validation (the manifest's or checkpoint's ``image``)."""
+    from storage.images import ImageTransform
+
+    transform = ImageTransform.from_metadata(image, train=False)
+    if image["stored"] == "encoded":
+        return transform(table.column(feature).combine_chunks())
+    size = int(image["size"])
+    return transform(feature_array(table, feature).reshape(table.num_rows, 3, size, size))
+
+
 def to_arrays(table: pa.Table, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
     """Feature matrix (rows, ...) and labels (class ids or standardised targets) as NumPy,
-    zero-copy where the layout allows."""
-    x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
+    zero-copy where the layout allows (images decoded and normalised as for validation)."""
+    if cols.image is not None:
+        x = image_input(table, cols.feature, cols.image)
+    else:
+        x = cols.table.encode_table(table) if cols.table else feature_array(table, cols.feature)
     if cols.labels is not None:
         return x, cols.labels.encode(table.column(cols.label))
     return x, table.column(cols.label).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -181,6 +200,16 @@ def column_transform(cols: Columns):
     return transform
 
 
+def feature_transform(cols: Columns, split: str, seed: int = 0):
+    """The host transform of a split's feature column: images decoded with the split's
+    transforms (random crop and flip for ``train``), else :func:`column_transform`."""
+    if cols.image is None:
+        return column_transform(cols)
+    from storage.images import ImageTransform
+
+    return ImageTransform.from_metadata(cols.image, train=split == "train", seed=seed)
+
+
 def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, batch_size: int, shuffle: bool,
             drop_last: bool, gather: str = "host"):
     """The split through the prefetcher: batches gathered on the host (then copied), or, with
@@ -191,13 +220,13 @@ def _loader(cfg, cols: Columns, split: str, rank: int, world_size: int, device, 
 
     cuda = getattr(device, "type", "cpu") == "cuda"
     encode_labels = None if cols.labels is None or cols.labels.identity else cols.labels.encode
-    if cols.table is not None or encode_labels is not None:
-        gather = "host"  # the encodings run on the host's batches
+    if cols.table is not None or encode_labels is not None or cols.image is not None:
+        gather = "host"  # the encodings run on the host's batches; images are decoded there
     on_device = gather == "device" or (gather == "auto" and cuda)
     if cols.table is not None:
         transforms, batch_transform = {}, batch_encoder(cols)
     else:
-        transforms = {} if on_device else {cols.feature: column_transform(cols)}
+        transforms = {} if on_device else {cols.feature: feature_transform(cols, split, cfg.seed)}
         if encode_labels is not None:
             transforms[cols.label] = encode_labels
         batch_transform = None

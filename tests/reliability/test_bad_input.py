@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
+from tests.images import local_writer, write_image_folder
 from tests.reliability.helpers import assert_user_error
 from tests.reliability.results import scenario
 
@@ -35,6 +36,10 @@ CLI_CASES = [
      ["storage option 'aws_secret_access_key' looks like a credential"]),
     ("stage: storage option syntax", "stage digits {out} --storage-option anon", ["--storage-option 'anon' is not KEY=VALUE"]),
     ("stage: pickled NumPy source", "stage {tmp}/objects.npy {out}", ["objects.npy"]),
+    ("stage: empty image folder", "stage {tmp}/no-images {out} --format images",
+     ["source '{tmp}/no-images' holds no image files in class folders"]),
+    ("stage: truncated image", "stage {tmp}/images {out}", ["'cat/broken.jpg'", "do not decode", "--skip-bad"]),
+    ("stage: decode size", "stage {tmp}/images {out} --decode 2", ["decode", "greater than or equal to 4"]),
     ("train: no dataset", "train {tmp}/nothing --checkpoint-dir {out}", ["no dataset at '{tmp}/nothing'"]),
     ("train: epochs", "train {data} --epochs 0 --checkpoint-dir {out}", ["epochs", "0"]),
     ("train: batch larger than the data", "train {data} --batch-size 100000 --checkpoint-dir {out}",
@@ -89,6 +94,8 @@ def places(tmp_path_factory, digits_dataset, digits_checkpoint):
     (tmp / "file").write_text("keep me")
     np.save(tmp / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     torch.save({"w": torch.ones(2)}, tmp / "model.pt")
+    (tmp / "no-images" / "cat").mkdir(parents=True)
+    write_image_folder(local_writer(tmp / "images"), per_class=2)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
