@@ -29,11 +29,13 @@ def gang_members_running(client, key: str) -> int:
     return sum(client.run(attempts.running, key).values())
 
 
-def settled_task_runs(flow_run_id, timeout: float = 30.0) -> list:
-    """The task runs of a flow run once none of them is still pending or running.
+def settled_task_runs(flow_run_id, timeout: float = 30.0, expect: tuple[str, ...] = ()) -> list:
+    """The task runs of a flow run once none of them is still pending or running (and, with
+    ``expect``, once a run of each of those task names is there).
 
     Prefect 3 reports task-run states as events, which the server applies shortly after the
-    flow call has returned: read right away, the last task can still show ``Running``.
+    flow call has returned: read right away, the last task can still show ``Running``, or
+    not be there at all yet.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -42,6 +44,8 @@ def settled_task_runs(flow_run_id, timeout: float = 30.0) -> list:
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            names = {r.name.rsplit("-", 1)[0] for r in runs}
+            settled = all(r.state is not None and r.state.is_final() for r in runs) and names >= set(expect)
+            if settled or time.monotonic() > deadline:
                 return runs
             time.sleep(0.2)

@@ -7,9 +7,10 @@ from tasks.training import TrainOptions
 from tests.services import settled_task_runs
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
-    """The lifecycle's stage tasks (stage, train, optimize, infer) and the names of their states."""
-    runs = settled_task_runs(flow_run_id)
+def _task_states(flow_run_id, expect=("stage", "train", "optimize", "infer")) -> dict[str, str]:
+    """The lifecycle's stage tasks (stage, train, optimize, infer or generate) and the names of
+    their states, once a run of each ``expect``-ed stage is there."""
+    runs = settled_task_runs(flow_run_id, expect=expect)
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.name.rsplit("-", 1)[0] in
             ("stage", "train", "optimize", "infer", "generate")}
 
