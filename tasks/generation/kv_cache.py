@@ -1,7 +1,9 @@
 """The paged KV cache: one pair of tensors allocated once, and attention over it.
 
 The cache holds ``num_blocks * block_size`` slots per layer for keys and values
-(``(layers, slots, kv_heads, head_dim)``); a sequence owns the blocks the pool handed it, in
+(``(layers, kv_heads, slots, head_dim)``: head-major, so a gather of a sequence's blocks is
+already in the ``(batch, heads, length, head_dim)`` shape attention reads, each head's
+keys contiguous, with no transpose copy); a sequence owns the blocks the pool handed it, in
 order (its block table), so position ``p`` of a sequence lives in slot
 ``table[p // block_size] * block_size + p % block_size``. Nothing is allocated per request.
 
@@ -28,7 +30,7 @@ from torch.nn import functional as F
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (num_layers, kv_heads, num_blocks * block_size, head_dim)
         self.block_size = block_size
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -121,23 +123,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Pa
     Writes k/v to the cache first, so a chunk attends to itself causally and to everything
     its sequence cached before. Grouped-query attention: each key/value head serves
     ``Hq // Hkv`` consecutive query heads (SDPA's ``enable_gqa``, as transformers' ``repeat_kv``)."""
-    cache.k[layer].index_copy_(0, layout.slots, k)
-    cache.v[layer].index_copy_(0, layout.slots, v)
+    cache.k[layer].index_copy_(1, layout.slots, k.transpose(0, 1))
+    cache.v[layer].index_copy_(1, layout.slots, v.transpose(0, 1))
     hq, hkv, d = q.shape[1], k.shape[1], k.shape[2]
-    k_blocks = cache.k[layer].view(-1, cache.block_size, hkv, d)
-    v_blocks = cache.v[layer].view(-1, cache.block_size, hkv, d)
+    k_blocks = cache.k[layer].view(hkv, -1, cache.block_size, d)
+    v_blocks = cache.v[layer].view(hkv, -1, cache.block_size, d)
     out = q.new_empty(q.shape)
     for part in layout.parts:
         b, length, q_len = part.rows, part.length, part.q_len
         # whole blocks gathered (a row of block_size slots per index, far cheaper than slot by slot)
-        keys = k_blocks.index_select(0, part.kv_blocks).view(b, length, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
-        values = v_blocks.index_select(0, part.kv_blocks).view(b, length, hkv, d).transpose(1, 2)
+        keys = k_blocks.index_select(1, part.kv_blocks).view(hkv, b, length, d).transpose(0, 1)  # (B, Hkv, L, D)
+        values = v_blocks.index_select(1, part.kv_blocks).view(hkv, b, length, d).transpose(0, 1)
         mine = q.index_select(0, part.tokens)
-        if q_len > 1:
-            mine = mine.new_zeros((b * q_len, hq, d)).index_copy_(0, part.q_flat, mine)
+        if q_len == 1:
+            # one query per row: a key/value head's Hq // Hkv query heads are its queries, so
+            # SDPA runs without expanding keys/values for grouped-query attention
+            y = F.scaled_dot_product_attention(mine.view(b, hkv, hq // hkv, d), keys, values,
+                                               attn_mask=part.mask, scale=scale)
+            out.index_copy_(0, part.tokens, y.reshape(b, hq, d))
+            continue
+        mine = mine.new_zeros((b * q_len, hq, d)).index_copy_(0, part.q_flat, mine)
         queries = mine.view(b, q_len, hq, d).transpose(1, 2)
         y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=part.mask, scale=scale,
                                            enable_gqa=hq != hkv)
-        y = y.transpose(1, 2).reshape(b * q_len, hq, d)
-        out.index_copy_(0, part.tokens, y.index_select(0, part.q_flat) if q_len > 1 else y)
+        out.index_copy_(0, part.tokens, y.transpose(1, 2).reshape(b * q_len, hq, d).index_select(0, part.q_flat))
     return out
