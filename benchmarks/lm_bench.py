@@ -99,7 +99,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="swarm-lm-bench-"))
     os.environ["SWARM_HOME"] = str(work / "home")
-    from deployments.runtime import PrefectServer, _use_api
+    from deployments.runtime import PrefectServer, use_api
     from distributed import LocalCluster
 
     from flows.train import train_model
@@ -111,7 +111,7 @@ def main() -> None:
     print(f"python-stdlib: {meta['documents']} files, {meta['tokens']:,} tokens, vocab {meta['vocab_size']}, "
           f"blocks of {args.seq_len}; gpt {GPT}, per-rank batch {args.batch_size}, one thread per rank", flush=True)
     server = PrefectServer(work / "prefect").start()
-    _use_api(server.url)
+    use_api(server.url)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     os.environ["SWARM_DASK_ADDRESS"] = cluster.scheduler_address
     try:
