@@ -68,16 +68,15 @@ def _find_hf_causal_lm(model):
 def _load_hf(url: str, storage_options: dict | None = None) -> ModelRunner:
     """An ``hf:`` folder through :mod:`tasks.models.hf` (the one place that finds, copies and
     loads such folders), after checking its architecture is one generation runs."""
-    from transformers import AutoConfig
-
     from tasks.models.hf import build, local_folder
 
-    folder = local_folder(url, storage_options)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    folder = local_folder(url, storage_options)  # checks config.json is there
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:  # plain JSON: no weights, no hub
+        model_type = json.load(f).get("model_type")
     from tasks.generation.runners.hf import GPT2_FAMILY, LLAMA_FAMILY
 
-    if config.model_type not in LLAMA_FAMILY + GPT2_FAMILY:
-        raise ConfigError(f"hf:{url} is a {config.model_type!r} model; generation supports "
+    if model_type not in LLAMA_FAMILY + GPT2_FAMILY:
+        raise ConfigError(f"hf:{url} is a {model_type!r} model; generation supports "
                           f"{', '.join(LLAMA_FAMILY + GPT2_FAMILY)}")
     model = build(url, storage_options=storage_options)
     return runner_for_model(model, tokenizer=_read_tokenizer(os.path.join(folder, "tokenizer.json")),

@@ -202,7 +202,9 @@ def load_chat_template(url: str, storage_options: dict | None = None) -> ChatTem
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        # A local folder, never the hub; tokenizer files are JSON / sentencepiece, never unpickled,
+        # and no remote code runs (trust_remote_code stays False).
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{url}: its tokenizer cannot be loaded: {' '.join(str(exc).split())[:300]}") from None
     return ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
