@@ -13,19 +13,11 @@ def curves_png(history: list[dict]) -> bytes:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
-    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
-    if any(h.get("val_loss") is not None for h in history):
-        ax1.plot(epochs, [h.get("val_loss") for h in history], label="val")
+    _train_and_val(ax1, epochs, history, "loss")
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
     if "train_ppl" in history[-1]:  # a language model: perplexity, log scale
-        ax2.plot(epochs, [h["train_ppl"] for h in history], label="train")
-        if any(h.get("val_ppl") is not None for h in history):
-            ax2.plot(epochs, [h.get("val_ppl") for h in history], label="val")
+        _train_and_val(ax2, epochs, history, "ppl", "perplexity")
         ax2.set_yscale("log")
-        ax2.set_ylabel("perplexity")
-        ax2.legend()
     elif "val_rmse" in history[-1]:  # a regression: RMSE in the target's units
         ax2.plot(epochs, [h.get("val_rmse") for h in history], color="tab:green")
         ax2.set_ylabel("RMSE (val)")
@@ -40,3 +32,12 @@ def curves_png(history: list[dict]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _train_and_val(ax, epochs: list, history: list[dict], key: str, label: str | None = None) -> None:
+    """``train_<key>`` per epoch, and ``val_<key>`` where any epoch has it, with a legend."""
+    ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+    if any(h.get(f"val_{key}") is not None for h in history):
+        ax.plot(epochs, [h.get(f"val_{key}") for h in history], label="val")
+    ax.set_ylabel(label or key)
+    ax.legend()
